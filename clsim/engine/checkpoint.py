@@ -1,0 +1,55 @@
+"""Checkpoints at experience boundaries, written atomically so a kill never corrupts one."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+@dataclass
+class RunState:
+    """What a run has done so far; enough, with the model and strategy, to continue it.
+
+    Attributes:
+        next_experience: index of the first experience not yet trained.
+        rows: accuracy-matrix rows so far (row i: after experience i; None = not measured).
+        final_correct / final_total: per-class test counts of the latest evaluation.
+        elapsed_s: wall time spent before this process (accumulates over resumes).
+        losses: last-epoch mean training loss of each experience.
+    """
+
+    next_experience: int = 0
+    rows: list[list[float | None]] = field(default_factory=list)
+    final_correct: list[int] = field(default_factory=list)
+    final_total: list[int] = field(default_factory=list)
+    elapsed_s: float = 0.0
+    losses: list[float] = field(default_factory=list)
+
+
+def save_checkpoint(path: Path, *, state: RunState, model: torch.nn.Module, strategy_state: dict[str, Any]) -> None:
+    """Write ``path`` atomically: a temp file in the same folder, then ``os.replace``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"run": asdict(state), "num_classes": model.num_classes,
+               "model": model.state_dict(), "strategy": strategy_state}
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            torch.save(payload, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_checkpoint(path: Path, map_location: torch.device) -> dict[str, Any]:
+    """The payload of :func:`save_checkpoint`, with ``run`` as a :class:`RunState`."""
+    payload = torch.load(path, map_location=map_location, weights_only=False)
+    payload["run"] = RunState(**payload["run"])
+    return payload

@@ -1,0 +1,152 @@
+"""The local training loop: fit one experience, evaluate test sets. Every strategy shares it.
+
+The engine knows nothing of YAML or of the run folder; it takes typed settings
+(:class:`~clsim.config.TrainConfig`), a model, a strategy and data sets.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from clsim.config import TrainConfig
+from clsim.data.base import supports_batches
+from clsim.engine.progress import Progress
+from clsim.strategies.base import Strategy
+
+
+def derive_seed(*parts: int) -> int:
+    """A 63-bit seed from a tuple of ints: one independent stream per (seed, experience, epoch)."""
+    return int(np.random.SeedSequence([abs(int(p)) for p in parts]).generate_state(2, np.uint64)[0] >> 1)
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks CUDA when available; asking for CUDA without one is an input error."""
+    from clsim.errors import ConfigError
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError("train.device", f"'{name}' requested but no CUDA device is available")
+    return torch.device(name)
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """Per-class correct / total counts on one test set (index = learner label)."""
+
+    correct: np.ndarray
+    total: np.ndarray
+
+    @property
+    def accuracy(self) -> float:
+        return float(self.correct.sum() / max(self.total.sum(), 1))
+
+
+class Engine:
+    """Trains and evaluates with one :class:`TrainConfig` on one device.
+
+    Args:
+        train: optimisation and evaluation settings.
+        seed: the experiment seed; every experience and epoch derives its own stream from it,
+            so a resumed run draws the same batches as an uninterrupted one.
+        progress: where bars go.
+    """
+
+    def __init__(self, train: TrainConfig, *, seed: int, progress: Progress | None = None):
+        self.train = train
+        self.seed = seed
+        self.device = resolve_device(train.device)
+        self.progress = progress or Progress(quiet=True)
+
+    def batches(
+        self, dataset: Dataset, *, batch_size: int, shuffle: bool = False, seed: int = 0
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """``(x, y)`` batches on the engine's device; in-memory data skips the DataLoader."""
+        gen = torch.Generator().manual_seed(seed)
+        if supports_batches(dataset):
+            order = torch.randperm(len(dataset), generator=gen) if shuffle else torch.arange(len(dataset))
+            for start in range(0, len(order), batch_size):
+                x, y = dataset.get_batch(order[start : start + batch_size])
+                yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            return
+        loader = DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=gen,
+                            num_workers=self.train.num_workers, pin_memory=self.device.type == "cuda")
+        for x, y in loader:
+            yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+    def fit(self, model: nn.Module, strategy: Strategy, dataset: Dataset, *, experience: int, label: str) -> float:
+        """Train on ``dataset`` for the configured epochs; returns the last epoch's mean loss."""
+        torch.manual_seed(derive_seed(self.seed, experience, 1_000_003))  # dropout, augmentation
+        optimizer = self._optimizer(model)
+        steps_per_epoch = math.ceil(len(dataset) / self.train.batch_size)
+        schedule = self._schedule(optimizer, steps_per_epoch * self.train.epochs)
+        bar = self.progress.bar(label, steps_per_epoch * self.train.epochs)
+        model.train()
+        mean_loss = float("nan")
+        for epoch in range(self.train.epochs):
+            total, count = 0.0, 0
+            seed = derive_seed(self.seed, experience, epoch)
+            for x, y in self.batches(dataset, batch_size=self.train.batch_size, shuffle=True, seed=seed):
+                loss = self.step(model, strategy, optimizer, x, y)
+                schedule.step()
+                total, count = total + loss * len(y), count + len(y)
+                bar.advance(info=f"epoch {epoch + 1}/{self.train.epochs} loss {loss:.3f}")
+            mean_loss = total / max(count, 1)
+        bar.close()
+        return mean_loss
+
+    def step(self, model: nn.Module, strategy: Strategy, optimizer: torch.optim.Optimizer,
+             x: torch.Tensor, y: torch.Tensor) -> float:
+        """One optimisation step through the strategy's hooks; returns the loss value."""
+        with self._autocast():
+            output = strategy.forward(model, x)
+            loss = strategy.loss(model, x, y, output)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        strategy.after_backward(model)
+        optimizer.step()
+        return float(loss.detach())
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, strategy: Strategy, dataset: Dataset, *,
+                 num_classes: int, label: str = "eval") -> EvalResult:
+        """Per-class accuracy of ``strategy.predict`` among all classes the head has."""
+        model.eval()
+        correct = torch.zeros(num_classes, dtype=torch.long)
+        total = torch.zeros(num_classes, dtype=torch.long)
+        bar = self.progress.bar(label, math.ceil(len(dataset) / self.train.eval_batch_size), transient=True)
+        for x, y in self.batches(dataset, batch_size=self.train.eval_batch_size):
+            with self._autocast():
+                pred = strategy.predict(model, x).argmax(dim=1)
+            y, hit = y.cpu(), (pred == y).cpu().long()
+            total += torch.bincount(y, minlength=num_classes)
+            correct += torch.bincount(y, weights=hit, minlength=num_classes).long()
+            bar.advance()
+        bar.close()
+        return EvalResult(correct.numpy(), total.numpy())
+
+    def _optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
+        cfg = self.train
+        params = [p for p in model.parameters() if p.requires_grad]
+        if cfg.optimizer == "sgd":
+            return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        cls = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.AdamW
+        return cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+    def _schedule(self, optimizer: torch.optim.Optimizer, total_steps: int) -> torch.optim.lr_scheduler.LRScheduler:
+        if self.train.schedule == "cosine":
+            return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(total_steps, 1))
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.train.amp and self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()

@@ -1,0 +1,166 @@
+"""Run one experiment: config -> scenario -> (model, strategy) -> engine -> metrics -> run folder.
+
+:func:`run` reads like a table of contents; each step is a small function below it.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+
+from clsim import metrics as M
+from clsim.config import ExperimentConfig, parse_config
+from clsim.engine.checkpoint import RunState, load_checkpoint, save_checkpoint
+from clsim.engine.engine import Engine
+from clsim.engine.progress import Progress
+from clsim.errors import ConfigError
+from clsim.report.run_folder import atomic_write_text, write_results
+from clsim.scenarios.base import Scenario
+from clsim.strategies.base import Strategy
+
+CHECKPOINT = Path("checkpoints") / "last.pt"
+
+
+@dataclass
+class Learner:
+    """Everything that trains: the stream, the model, the strategy and the engine."""
+
+    scenario: Scenario
+    model: torch.nn.Module
+    strategy: Strategy
+    engine: Engine
+
+
+def run(config: ExperimentConfig, out_dir: Path, *, resume: bool = False, quiet: bool = False) -> dict[str, Any]:
+    """Run ``config`` into ``out_dir`` and return its metrics (see DESIGN.md, "Run folder")."""
+    out_dir = Path(out_dir)
+    prepare_run_dir(config, out_dir, resume=resume)
+    with Progress(quiet=quiet) as progress:
+        learner = build_learner(config, progress)
+        state = restore(learner, out_dir) if resume else RunState()
+        started = time.perf_counter()
+        for exp in learner.scenario.experiences[state.next_experience :]:
+            train_and_evaluate(learner, exp.index, state)
+            state.elapsed_s += time.perf_counter() - started
+            started = time.perf_counter()
+            save_checkpoint(out_dir / CHECKPOINT, state=state, model=learner.model,
+                            strategy_state=learner.strategy.state_dict())
+        results = finish(config, learner, state, out_dir)
+        progress.log(f"[bold]done[/] average accuracy {results['average_accuracy']:.4f} -> {out_dir}")
+    return results
+
+
+def prepare_run_dir(config: ExperimentConfig, out_dir: Path, *, resume: bool) -> None:
+    """Create ``out_dir`` with ``config.yaml``; refuse to overwrite an earlier run."""
+    config_file = out_dir / "config.yaml"
+    has_run = config_file.exists() or (out_dir / "metrics.json").exists() or (out_dir / CHECKPOINT).exists()
+    if has_run and not resume:
+        raise ConfigError(str(out_dir), "already holds a run; pass --resume to continue it or choose another --out")
+    if resume and config_file.exists():
+        saved = parse_config(yaml.safe_load(config_file.read_text())).to_dict()
+        diff = first_difference(saved, config.to_dict())
+        if diff:
+            raise ConfigError("--resume", f"config differs from {config_file} at '{diff}'; "
+                                          f"resume with the same config or choose another --out")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(config_file, yaml.safe_dump(config.to_dict(), sort_keys=False))
+
+
+def first_difference(a: Any, b: Any, prefix: str = "") -> str | None:
+    """The first key path where two nested mappings differ, or None."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in sorted(set(a) | set(b), key=str):
+            found = first_difference(a.get(key), b.get(key), f"{prefix}.{key}" if prefix else str(key))
+            if found:
+                return found
+        return None
+    return None if a == b else prefix or "<root>"
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch; CPU results are then bit-identical run to run."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def build_learner(config: ExperimentConfig, progress: Progress) -> Learner:
+    """Source, scenario, model, strategy and engine, built from the config in that order."""
+    seed_everything(config.seed)
+    source = config.data.build()
+    scenario = config.scenario.build(source, config.seed)
+    progress.log(f"{config.name}: {source.name}, {len(scenario)} experiences, "
+                 f"{scenario.num_classes} classes, strategy {config.strategy.name}")
+    engine = Engine(config.train, seed=config.seed, progress=progress)
+    torch.manual_seed(config.seed)
+    model = config.model.build(scenario.input_shape).to(engine.device)
+    strategy = config.strategy.build()
+    strategy.setup(model)
+    return Learner(scenario, model, strategy, engine)
+
+
+def restore(learner: Learner, out_dir: Path) -> RunState:
+    """Load the last checkpoint into the learner; a fresh state if there is none."""
+    path = out_dir / CHECKPOINT
+    if not path.exists():
+        return RunState()
+    payload = load_checkpoint(path, learner.engine.device)
+    learner.model.grow(payload["num_classes"])
+    learner.model.load_state_dict(payload["model"])
+    learner.strategy.load_state_dict(payload["strategy"])
+    learner.engine.progress.log(f"resuming after experience {payload['run'].next_experience - 1}")
+    return payload["run"]
+
+
+def train_and_evaluate(learner: Learner, index: int, state: RunState) -> None:
+    """Grow the head, train experience ``index`` through the strategy, then evaluate a row."""
+    scenario, model, strategy, engine = learner.scenario, learner.model, learner.strategy, learner.engine
+    exp, T = scenario.experiences[index], len(scenario)
+    model.grow(scenario.seen_classes(index))
+    strategy.before_task(model, exp)
+    data = strategy.train_dataset(exp, scenario.experiences[:index])
+    loss = engine.fit(model, strategy, data, experience=index, label=f"train {index + 1}/{T}")
+
+    def batches():
+        return engine.batches(exp.train, batch_size=engine.train.batch_size)
+
+    strategy.after_task(model, exp, batches)
+    results = [engine.evaluate(model, strategy, e.test, num_classes=scenario.num_classes,
+                               label=f"eval {e.index + 1}/{index + 1}")
+               for e in scenario.experiences[: index + 1]]
+    state.rows.append([r.accuracy for r in results] + [None] * (T - index - 1))
+    state.final_correct = sum(r.correct for r in results).tolist()
+    state.final_total = sum(r.total for r in results).tolist()
+    state.losses.append(loss)
+    state.next_experience = index + 1
+    engine.progress.log(f"experience {index + 1}/{T}: loss {loss:.4f}, "
+                        f"accuracy on seen {np.mean([r.accuracy for r in results]):.4f}")
+
+
+def finish(config: ExperimentConfig, learner: Learner, state: RunState, out_dir: Path) -> dict[str, Any]:
+    """Summarise the accuracy matrix and write the run folder."""
+    scenario = learner.scenario
+    per_class = {}
+    if scenario.long_tailed:
+        per_class = {"per_class_correct": state.final_correct, "per_class_total": state.final_total,
+                     "train_counts": scenario.train_counts.tolist()}
+    results = M.summarize(state.rows, many_shot=config.metrics.many_shot,
+                          few_shot=config.metrics.few_shot, **per_class)
+    results |= {
+        "wall_time_s": round(state.elapsed_s, 3),
+        "train_loss": state.losses,
+        "class_order": list(scenario.class_order),
+        "device": str(learner.engine.device),
+    }
+    experiences = [{"index": e.index, "classes": [scenario.class_names[c] for c in e.classes]}
+                   for e in scenario.experiences]
+    write_results(out_dir, config=config.to_dict(), metrics=results, experiences=experiences, title=config.name)
+    return results

@@ -1,0 +1,54 @@
+"""The model contract every learner follows: a backbone and a classifier head that grows."""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import nn
+
+
+class IncrementalClassifier(nn.Module):
+    """A feature extractor followed by a linear head that grows as new classes arrive.
+
+    The head only ever has outputs for the classes seen so far, so logits of unseen classes
+    are masked by construction (the usual class-incremental practice, as in Avalanche's
+    ``IncrementalClassifier``): prediction is always among all seen classes, with no task id.
+
+    Args:
+        backbone: maps ``(B, C, H, W)`` images to ``(B, feature_dim)`` features.
+        feature_dim: width of the backbone's output.
+        num_classes: initial head size (0 until the first experience grows it).
+    """
+
+    def __init__(self, backbone: nn.Module, feature_dim: int, *, num_classes: int = 0):
+        super().__init__()
+        self.backbone = backbone
+        self.feature_dim = feature_dim
+        with warnings.catch_warnings():  # an empty head (no class yet) is expected here
+            warnings.filterwarnings("ignore", "Initializing zero-element tensors")
+            self.head = nn.Linear(feature_dim, num_classes)
+
+    @property
+    def num_classes(self) -> int:
+        return self.head.out_features
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Backbone features, ``(B, feature_dim)``."""
+        return self.backbone(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))  # (B, num_classes)
+
+    @torch.no_grad()
+    def grow(self, num_classes: int) -> None:
+        """Widen the head to ``num_classes`` outputs, keeping the old rows' weights."""
+        old = self.head
+        if num_classes < old.out_features:
+            raise ValueError(f"the head cannot shrink ({old.out_features} -> {num_classes})")
+        if num_classes == old.out_features:
+            return
+        new = nn.Linear(self.feature_dim, num_classes).to(old.weight.device, old.weight.dtype)
+        new.weight[: old.out_features] = old.weight
+        new.bias[: old.out_features] = old.bias
+        self.head = new

@@ -1,0 +1,130 @@
+"""Models from timm: ViTs of any size, ResNets, and any other timm architecture by name.
+
+Weights: ``pretrained: false`` (default), ``pretrained: true`` (timm's hub weights, online
+only) or ``pretrained: path/to/weights.{pth,safetensors}`` (a local file, offline).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import timm
+from torch import nn
+
+from clsim.errors import ConfigError
+from clsim.models.heads import IncrementalClassifier
+from clsim.registry import MODELS
+
+
+def create_backbone(arch: str, pretrained: bool | str, **kwargs: Any) -> nn.Module:
+    """``timm.create_model(arch, num_classes=0)`` with clsim's pretrained-weights rules."""
+    if arch not in timm.list_models():
+        known = timm.list_models(f"*{arch.split('_')[0]}*")[:8]
+        raise ConfigError("model.arch", f"unknown timm architecture '{arch}'; e.g. {', '.join(known)}")
+    options: dict[str, Any] = {"num_classes": 0, **kwargs}
+    if isinstance(pretrained, str):
+        path = Path(pretrained).expanduser()
+        if not path.is_file():
+            raise ConfigError("model.pretrained", f"weights file '{path.resolve()}' not found")
+        options |= {"pretrained": True, "pretrained_cfg_overlay": {"file": str(path)}}
+    else:
+        options["pretrained"] = pretrained
+    try:
+        return timm.create_model(arch, **options)
+    except TypeError as exc:  # timm rejects an option this architecture does not take
+        raise ConfigError("model", f"timm '{arch}' rejected the options {sorted(kwargs)}: {exc}")
+    except (OSError, RuntimeError) as exc:
+        if pretrained is True:
+            raise ConfigError("model.pretrained", f"could not fetch hub weights for '{arch}' "
+                              f"({type(exc).__name__}); offline, pass a local weights file path")
+        raise
+
+
+def _default_patch(image_size: int) -> int:
+    """The largest of 16, 8, 4, 2 that leaves at least a 4x4 grid of patches."""
+    return next((p for p in (16, 8, 4, 2) if image_size // p >= 4), 1)
+
+
+@MODELS.register("vit")
+def vit(
+    input_shape: tuple[int, int, int], /, *,
+    arch: str = "vit_tiny_patch16_224",
+    patch_size: int | None = None,
+    embed_dim: int | None = None,
+    depth: int | None = None,
+    num_heads: int | None = None,
+    mlp_ratio: float | None = None,
+    drop_path_rate: float = 0.0,
+    global_pool: Literal["token", "avg"] = "token",
+    pretrained: bool | str = False,
+) -> IncrementalClassifier:
+    """A Vision Transformer from timm sized for the data (8x8 digits to 224 px ImageNet).
+
+    Args:
+        arch: timm ViT architecture whose defaults the other keys override.
+        patch_size: patch side; default keeps at least a 4x4 grid (2 for 8 px, 4 for 32 px... 16 at 224).
+        embed_dim: token width (default: the architecture's).
+        depth: number of transformer blocks (default: the architecture's).
+        num_heads: attention heads (default: the architecture's).
+        mlp_ratio: MLP hidden width / embed_dim (default: the architecture's).
+        drop_path_rate: stochastic depth rate.
+        global_pool: 'token' (the CLS token) or 'avg' (mean of patch tokens, no CLS token).
+        pretrained: false, true (hub, online) or a local weights file.
+    """
+    channels, height, _ = input_shape
+    overrides = {"embed_dim": embed_dim, "depth": depth, "num_heads": num_heads, "mlp_ratio": mlp_ratio}
+    kwargs = {k: v for k, v in overrides.items() if v is not None}
+    if embed_dim is not None and num_heads is not None and embed_dim % num_heads:
+        raise ConfigError("model.num_heads", f"expected a divisor of embed_dim {embed_dim}, got {num_heads}")
+    patch = patch_size or _default_patch(height)
+    if height % patch:
+        raise ConfigError("model.patch_size", f"expected a divisor of the image size {height}, got {patch}")
+    backbone = create_backbone(
+        arch, pretrained, img_size=height, patch_size=patch, in_chans=channels,
+        drop_path_rate=drop_path_rate, global_pool=global_pool,
+        class_token=global_pool == "token", **kwargs,
+    )
+    return IncrementalClassifier(backbone, backbone.num_features)
+
+
+@MODELS.register("resnet")
+def resnet(
+    input_shape: tuple[int, int, int], /, *,
+    arch: str = "resnet18",
+    small_input: bool | None = None,
+    pretrained: bool | str = False,
+) -> IncrementalClassifier:
+    """A ResNet from timm; small inputs get the CIFAR stem (3x3 stride-1 conv, no max-pool).
+
+    Args:
+        arch: timm ResNet variant (resnet18, resnet34, resnet50, ...).
+        small_input: use the CIFAR stem; default: when the images are 64 px or smaller.
+        pretrained: false, true (hub, online) or a local weights file.
+    """
+    channels, height, _ = input_shape
+    backbone = create_backbone(arch, pretrained, in_chans=channels)
+    if small_input if small_input is not None else height <= 64:
+        # He et al. 2016, Sec. 4.2: small images lose too much to a 7x7/2 conv + max-pool.
+        stem_out = backbone.conv1.out_channels
+        backbone.conv1 = nn.Conv2d(channels, stem_out, 3, stride=1, padding=1, bias=False)
+        backbone.maxpool = nn.Identity()
+    return IncrementalClassifier(backbone, backbone.num_features)
+
+
+@MODELS.register("timm")
+def timm_model(
+    input_shape: tuple[int, int, int], /, *,
+    arch: str,
+    pretrained: bool | str = False,
+    options: dict = {},
+) -> IncrementalClassifier:
+    """Any timm architecture by name, with extra ``timm.create_model`` options.
+
+    Args:
+        arch: timm architecture name (see ``timm.list_models()``).
+        pretrained: false, true (hub, online) or a local weights file.
+        options: extra keyword arguments for ``timm.create_model`` (e.g. img_size).
+    """
+    backbone = create_backbone(arch, pretrained, in_chans=input_shape[0], **options)
+    return IncrementalClassifier(backbone, backbone.num_features)

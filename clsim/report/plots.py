@@ -1,0 +1,118 @@
+"""Figures of a run folder and of a comparison: each function returns PNG bytes.
+
+Returning bytes (rather than saving to a path) lets the caller write them atomically, the same
+way as every other file of the run folder, and keeps this module free of file handling.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Sequence
+from typing import Optional
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: clsim runs on servers and in CI with no display
+
+import matplotlib.pyplot as plt  # noqa: E402  (must come after the backend is chosen)
+import numpy as np  # noqa: E402
+
+from clsim.metrics import seen_accuracy  # noqa: E402
+
+DPI = 120
+Matrix = Sequence[Sequence[Optional[float]]]
+
+
+def _png(fig: plt.Figure) -> bytes:
+    """Render ``fig`` to PNG bytes and close it (open figures leak memory over many runs)."""
+    buf = io.BytesIO()
+    try:
+        fig.savefig(buf, format="png", dpi=DPI, bbox_inches="tight")
+    finally:
+        plt.close(fig)
+    return buf.getvalue()
+
+
+def _colors(n: int) -> list:
+    """Distinct colours for ``n`` lines: tab10 while it lasts, then a sequential map."""
+    if n <= 10:
+        return [plt.get_cmap("tab10")(k) for k in range(n)]
+    return [plt.get_cmap("viridis")(k / max(n - 1, 1)) for k in range(n)]
+
+
+def _ticks(T: int) -> range:
+    """Every experience index while they fit, else about a dozen evenly spaced ones."""
+    return range(T) if T <= 25 else range(0, T, math.ceil(T / 12))
+
+
+def _stream_axes(ax: plt.Axes, T: int, title: str) -> None:
+    """Shared look of 'accuracy over the stream' plots: integer x ticks, y in [0, 1]."""
+    ax.set_xlim(-0.2, max(T - 1, 0) + 0.2)
+    ax.set_ylim(0.0, 1.02)
+    ax.set_xticks(_ticks(T))
+    ax.set_xlabel("after training experience")
+    ax.set_ylabel("test accuracy")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+
+
+def curves_png(R: Matrix, *, title: str = "Accuracy over the stream") -> bytes:
+    """One line per experience ``j`` (its test accuracy after each experience ``i >= j``) and a
+    thick black line for the average accuracy over the experiences seen so far."""
+    T = len(R)
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for j, color in zip(range(T), _colors(T)):
+        xs = [i for i in range(j, T) if R[i][j] is not None]
+        ax.plot(xs, [R[i][j] for i in xs], marker="o", ms=3, lw=1.2, color=color,
+                label=f"exp {j}")
+    ax.plot(range(T), seen_accuracy(R), color="black", lw=3, marker="s", ms=5,
+            label="average (seen)")
+    _stream_axes(ax, T, title)
+    # Outside the axes so that it never hides the curves; two columns once it gets long.
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False,
+              ncol=1 if T <= 16 else 2)
+    return _png(fig)
+
+
+def matrix_png(R: Matrix, *, title: str = "Accuracy matrix (%)") -> bytes:
+    """Heatmap of ``R`` (rows: after experience i; columns: test set j), each measured cell
+    annotated in percent; unmeasured cells are left blank."""
+    T = len(R)
+    values = np.ma.masked_invalid(np.array(
+        [[np.nan if v is None else v for v in row] for row in R], dtype=np.float64))
+    side = min(max(4.0, 0.55 * T + 2.0), 16.0)
+    fig, ax = plt.subplots(figsize=(side + 1.2, side))
+    image = ax.imshow(values, cmap="viridis", vmin=0.0, vmax=1.0)
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="accuracy")
+    if T <= 30:  # beyond that the numbers would not fit in the cells
+        # A cell is about (side - 1) / T inches wide; "95.0" needs ~3 font sizes of width.
+        _annotate(ax, values, fontsize=min(9.0, max(5.0, (side - 1.0) / T * 72 / 3.2)))
+    ticks = _ticks(T)
+    ax.set_xticks(ticks)
+    ax.set_yticks(ticks)
+    ax.set_xlabel("test set of experience j")
+    ax.set_ylabel("after training experience i")
+    ax.set_title(title)
+    return _png(fig)
+
+
+def _annotate(ax: plt.Axes, values: np.ma.MaskedArray, fontsize: float) -> None:
+    for (i, j), v in np.ndenumerate(values.filled(np.nan)):
+        if not np.isnan(v):
+            # Dark text on the bright end of viridis, light text on the dark end.
+            ax.text(j, i, f"{100 * v:.1f}", ha="center", va="center", fontsize=fontsize,
+                    color="black" if v > 0.6 else "white")
+
+
+def comparison_png(series: dict[str, Sequence[float]], *,
+                   title: str = "Average accuracy over seen experiences") -> bytes:
+    """One line per run: its average accuracy over seen experiences after each experience.
+    Runs may have different numbers of experiences; each line has its own length."""
+    T = max((len(v) for v in series.values()), default=1)
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for (label, ys), color in zip(series.items(), _colors(len(series))):
+        ax.plot(range(len(ys)), ys, marker="o", ms=4, lw=2, color=color, label=label)
+    _stream_axes(ax, T, title)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
+    return _png(fig)

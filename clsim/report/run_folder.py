@@ -1,0 +1,254 @@
+"""Write and read the run folder (DESIGN.md, "Run folder").
+
+Every file is written atomically (temp file in the same folder, fsync, ``os.replace``), so a
+crash or a kill never leaves a half-written file. ``metrics.json`` is written last: its
+presence is what marks a run folder as finished (:func:`read_run`).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from clsim.errors import ConfigError
+from clsim.report import plots
+
+PERCENT_METRICS = (
+    ("average_accuracy", "average accuracy"),
+    ("average_incremental_accuracy", "average incremental accuracy"),
+    ("forgetting", "forgetting"),
+    ("bwt", "backward transfer (BWT)"),
+    ("fwt", "forward transfer (FWT)"),
+    ("head_accuracy", "head accuracy"),
+    ("medium_accuracy", "medium accuracy"),
+    ("tail_accuracy", "tail accuracy"),
+)
+
+
+# ---------------------------------------------------------------- atomic writes
+
+# mkstemp creates files as 0600; run folders are shared results, so new files get the usual
+# permissions (0666 minus the umask). Read once at import: os.umask can only be read by setting.
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers see the old file or the new one, never half."""
+    path = Path(path)
+    # Same folder as the target: os.replace is only atomic within one file system.
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.chmod(tmp, path.stat().st_mode & 0o777 if path.exists() else 0o666 & ~_UMASK)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Persist the rename itself (POSIX); not possible on every platform, so best effort."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Atomically write ``text`` (UTF-8) to ``path``."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def to_jsonable(obj: Any) -> Any:
+    """``obj`` with NaN / infinities as ``None``, numpy values as Python ones, tuples as lists.
+
+    Floats keep full precision (``json`` writes the shortest repr that round-trips). NaN is not
+    valid JSON, and an unmeasured or undefined number is ``null`` in ``metrics.json``.
+    """
+    if isinstance(obj, dict):
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, np.ndarray)):
+        return [to_jsonable(v) for v in obj]
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> None:
+    """Atomically write ``obj`` as indented JSON; NaN and infinities become ``null``."""
+    # Serialise first, so an unserialisable value fails before any file is touched.
+    text = json.dumps(to_jsonable(obj), indent=2, allow_nan=False)
+    atomic_write_text(path, text + "\n")
+
+
+# ---------------------------------------------------------------- run folder
+
+def write_results(run_dir: str | Path, *, config: dict, metrics: dict,
+                  experiences: list[dict], title: str) -> None:
+    """Write ``metrics.json``, ``accuracy_matrix.csv``, ``curves.png``, ``accuracy_matrix.png``
+    and ``report.md`` into ``run_dir`` (created if needed). ``config.yaml`` is not written here.
+
+    ``metrics`` has the :func:`clsim.metrics.summarize` keys plus e.g. ``wall_time_s`` and is
+    written as given; ``config`` is the resolved config dict; ``experiences`` is a list of
+    ``{"index": i, "classes": [...]}``.
+    """
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    R = metrics["accuracy_matrix"]
+    atomic_write_text(run_dir / "accuracy_matrix.csv", matrix_csv(R))
+    atomic_write_bytes(run_dir / "curves.png", plots.curves_png(R, title=f"{title}: accuracy"))
+    atomic_write_bytes(run_dir / "accuracy_matrix.png",
+                       plots.matrix_png(R, title=f"{title}: accuracy matrix (%)"))
+    atomic_write_text(run_dir / "report.md", report_markdown(
+        config=config, metrics=metrics, experiences=experiences, title=title))
+    atomic_write_json(run_dir / "metrics.json", metrics)  # last: marks the run as finished
+
+
+def matrix_csv(R: list[list[float | None]]) -> str:
+    """``R`` as CSV: header ``after_experience,exp_0,...``; full-precision floats; empty cell for
+    an unmeasured entry."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["after_experience", *(f"exp_{j}" for j in range(len(R)))])
+    for i, row in enumerate(R):
+        writer.writerow([i, *("" if _missing(v) else repr(float(v)) for v in row)])
+    return buf.getvalue()
+
+
+def read_run(run_dir: str | Path) -> dict[str, Any]:
+    """Load a finished run folder: ``{"name", "path", "metrics", "config"}``.
+
+    ``config`` is ``{}`` when ``config.yaml`` is absent. Raises :class:`ConfigError` when the
+    folder is not a finished clsim run (no ``metrics.json``) or its files cannot be parsed.
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise ConfigError(str(run_dir), "no such run folder")
+    metrics_path = run_dir / "metrics.json"
+    if not metrics_path.is_file():
+        raise ConfigError(str(run_dir), "not a finished clsim run folder (no metrics.json)")
+    try:
+        metrics = json.loads(metrics_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(str(metrics_path), f"not valid JSON ({e})") from None
+    if not isinstance(metrics, dict) or "accuracy_matrix" not in metrics:
+        raise ConfigError(str(metrics_path), "expected a JSON object with an 'accuracy_matrix'")
+    return {"name": run_dir.name, "path": run_dir, "metrics": metrics,
+            "config": _read_config(run_dir / "config.yaml")}
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    try:
+        config = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise ConfigError(str(path), f"not valid YAML ({e})") from None
+    return config if isinstance(config, dict) else {}
+
+
+# ---------------------------------------------------------------- report.md
+
+def _missing(v: Any) -> bool:
+    return v is None or (isinstance(v, float) and math.isnan(v))
+
+
+def fmt_percent(v: float | None) -> str:
+    """A fraction as a percentage with 2 decimals; '-' when not available."""
+    return "-" if _missing(v) else f"{100 * v:.2f}"
+
+
+def fmt_seconds(v: float | None) -> str:
+    """Seconds with 1 decimal; '-' when not available."""
+    return "-" if _missing(v) else f"{v:.1f}"
+
+
+def section_label(section: Any) -> str:
+    """A config section as one line: ``ewc (lambda=100)``; ``-`` when absent."""
+    if not isinstance(section, dict):
+        return "-" if section is None else str(section)
+    head = section.get("plugin") or section.get("name") or "?"
+    kwargs = ", ".join(f"{k}={v}" for k, v in section.items() if k not in ("name", "plugin"))
+    return f"{head} ({kwargs})" if kwargs else str(head)
+
+
+def md_cell(text: Any) -> str:
+    """Make ``text`` safe inside a markdown table cell (a '|' would split the cell)."""
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def md_table(header: list[str], rows: list[list[Any]]) -> str:
+    """A GitHub-flavoured markdown table."""
+    lines = ["| " + " | ".join(md_cell(h) for h in header) + " |",
+             "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(md_cell(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def report_markdown(*, config: dict, metrics: dict, experiences: list[dict],
+                    title: str) -> str:
+    """The text of ``report.md``."""
+    parts = [f"# {title}", _config_summary(config), "## Results", _metrics_table(metrics),
+             "## Accuracy matrix (%)",
+             "Row *i*: after training experience *i*; column *j*: test set of experience *j*.",
+             _matrix_table(metrics["accuracy_matrix"]),
+             "![accuracy over the stream](curves.png)",
+             "![accuracy matrix](accuracy_matrix.png)",
+             "## Experiences", _experience_list(experiences)]
+    return "\n\n".join(parts) + "\n"
+
+
+def _config_summary(config: dict) -> str:
+    train = config.get("train") or {}
+    lines = [("data", section_label(config.get("data"))),
+             ("scenario", section_label(config.get("scenario"))),
+             ("model", section_label(config.get("model"))),
+             ("strategy", section_label(config.get("strategy"))),
+             ("epochs per experience", train.get("epochs", "-")),
+             ("seed", config.get("seed", "-"))]
+    return "\n".join(f"- **{key}**: `{value}`" for key, value in lines)
+
+
+def _metrics_table(metrics: dict) -> str:
+    rows = [[f"{label} (%)", fmt_percent(metrics.get(key))] for key, label in PERCENT_METRICS]
+    rows.append(["wall time (s)", fmt_seconds(metrics.get("wall_time_s"))])
+    # Extra scalar entries (rounds, communication_bytes, ...) are shown as they are.
+    known = {key for key, _ in PERCENT_METRICS} | {"wall_time_s", "accuracy_matrix"}
+    rows += [[key, "-" if _missing(v) else v] for key, v in metrics.items()
+             if key not in known and (v is None or isinstance(v, (int, float, str)))]
+    return md_table(["metric", "value"], rows)
+
+
+def _matrix_table(R: list[list[float | None]]) -> str:
+    header = ["after \\ on", *(f"exp {j}" for j in range(len(R)))]
+    return md_table(header, [[f"exp {i}", *(fmt_percent(v) for v in row)]
+                             for i, row in enumerate(R)])
+
+
+def _experience_list(experiences: list[dict]) -> str:
+    if not experiences:
+        return "(none recorded)"
+    return "\n".join(f"- experience {e.get('index', k)} ({len(e.get('classes', []))} classes): "
+                     + ", ".join(str(c) for c in e.get("classes", []))
+                     for k, e in enumerate(experiences))

@@ -1,0 +1,32 @@
+"""L2 regularisation toward the previous task's weights."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from clsim.registry import STRATEGIES
+from clsim.scenarios.base import Experience
+from clsim.strategies.anchored import AnchoredPenalty
+from clsim.strategies.base import Batches
+from clsim.strategies.params import ParamSpec
+
+
+@STRATEGIES.register("l2")
+class L2(AnchoredPenalty):
+    """L2 penalty to the previous task's weights (rehearsal-free baseline, Smith et al. 2023).
+
+    "A Closer Look at Rehearsal-Free Continual Learning" (Smith et al., CVPR-W 2023) shows
+    that this simple penalty, restricted to the self-attention blocks of a pretrained ViT
+    (``params: attention``), is a strong rehearsal-free baseline on ImageNet-R.
+
+    Args:
+        lambda: penalty weight (the loss adds lambda/2 * ||theta - theta_prev||^2).
+        params: 'all', 'backbone', 'attention' or a list of parameter-name globs.
+        mask_past: mask earlier classes' logits in the cross-entropy term.
+    """
+
+    def __init__(self, *, lambda_: float = 1.0, params: ParamSpec = "all", mask_past: bool = False):
+        super().__init__(lambda_=lambda_, params=params, mask_past=mask_past)
+
+    def after_task(self, model: nn.Module, experience: Experience, batches: Batches) -> None:
+        self.anchors = [(self.snapshot(model), None)]
