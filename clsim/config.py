@@ -192,6 +192,9 @@ def parse_config(raw: dict[str, Any], *, base_dir: Path | None = None) -> Experi
     fixed = {k: parse_dataclass(k, raw.get(k) or {}, cls) for k, cls in FIXED.items()}
     config = ExperimentConfig(name=name, seed=seed, **sections, **fixed)
     _check_consistency(config)
+    # Strategies are cheap to construct and check their own arguments' ranges (e.g. a
+    # negative lambda), so build one now: the error surfaces at validate time, not mid-run.
+    config.strategy.build()
     return config
 
 

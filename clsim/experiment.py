@@ -18,7 +18,7 @@ import yaml
 from clsim import metrics as M
 from clsim.config import ExperimentConfig, parse_config
 from clsim.engine.checkpoint import RunState, load_checkpoint, save_checkpoint
-from clsim.engine.engine import Engine
+from clsim.engine.engine import Engine, derive_seed
 from clsim.engine.progress import Progress
 from clsim.errors import ConfigError
 from clsim.report.run_folder import atomic_write_text, write_results
@@ -41,9 +41,10 @@ class Learner:
 def run(config: ExperimentConfig, out_dir: Path, *, resume: bool = False, quiet: bool = False) -> dict[str, Any]:
     """Run ``config`` into ``out_dir`` and return its metrics (see DESIGN.md, "Run folder")."""
     out_dir = Path(out_dir)
-    prepare_run_dir(config, out_dir, resume=resume)
+    check_run_dir(config, out_dir, resume=resume)
     with Progress(quiet=quiet) as progress:
         learner = build_learner(config, progress)
+        write_config(config, out_dir)
         state = restore(learner, out_dir) if resume else RunState()
         started = time.perf_counter()
         for exp in learner.scenario.experiences[state.next_experience :]:
@@ -57,20 +58,24 @@ def run(config: ExperimentConfig, out_dir: Path, *, resume: bool = False, quiet:
     return results
 
 
-def prepare_run_dir(config: ExperimentConfig, out_dir: Path, *, resume: bool) -> None:
-    """Create ``out_dir`` with ``config.yaml``; refuse to overwrite an earlier run."""
-    config_file = out_dir / "config.yaml"
-    has_run = config_file.exists() or (out_dir / "metrics.json").exists() or (out_dir / CHECKPOINT).exists()
+def check_run_dir(config: ExperimentConfig, out_dir: Path, *, resume: bool) -> None:
+    """Refuse to overwrite an earlier run; on resume, refuse a different config."""
+    has_run = (out_dir / "metrics.json").exists() or (out_dir / CHECKPOINT).exists()
     if has_run and not resume:
         raise ConfigError(str(out_dir), "already holds a run; pass --resume to continue it or choose another --out")
+    config_file = out_dir / "config.yaml"
     if resume and config_file.exists():
         saved = parse_config(yaml.safe_load(config_file.read_text())).to_dict()
         diff = first_difference(saved, config.to_dict())
         if diff:
             raise ConfigError("--resume", f"config differs from {config_file} at '{diff}'; "
                                           f"resume with the same config or choose another --out")
+
+
+def write_config(config: ExperimentConfig, out_dir: Path) -> None:
+    """``config.yaml``: the resolved config, enough to rerun the experiment exactly."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(config_file, yaml.safe_dump(config.to_dict(), sort_keys=False))
+    atomic_write_text(out_dir / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
 
 
 def first_difference(a: Any, b: Any, prefix: str = "") -> str | None:
@@ -124,6 +129,9 @@ def train_and_evaluate(learner: Learner, index: int, state: RunState) -> None:
     """Grow the head, train experience ``index`` through the strategy, then evaluate a row."""
     scenario, model, strategy, engine = learner.scenario, learner.model, learner.strategy, learner.engine
     exp, T = scenario.experiences[index], len(scenario)
+    # Every experience starts from its own seed, so the new head rows (and everything after)
+    # are the same whether the run got here straight or through --resume.
+    torch.manual_seed(derive_seed(engine.seed, index))
     model.grow(scenario.seen_classes(index))
     strategy.before_task(model, exp)
     data = strategy.train_dataset(exp, scenario.experiences[:index])
