@@ -12,6 +12,7 @@ problem is a :class:`~clsim.errors.ConfigError` naming the key path and what was
 
 from __future__ import annotations
 
+import collections.abc
 import copy
 import dataclasses
 import importlib.util
@@ -188,6 +189,7 @@ def parse_config(raw: dict[str, Any], *, base_dir: Path | None = None) -> Experi
             raise ConfigError(key, "missing section")
     name = check_value(raw.get("name", "experiment"), str, "name")
     seed = check_value(raw.get("seed", 0), int, "seed")
+    _require("seed", seed >= 0, "an int >= 0", seed)
     sections = {k: parse_section(k, raw[k], reg, base_dir) for k, reg in SECTIONS.items()}
     fixed = {k: parse_dataclass(k, raw.get(k) or {}, cls) for k, cls in FIXED.items()}
     config = ExperimentConfig(name=name, seed=seed, **sections, **fixed)
@@ -276,7 +278,7 @@ def _fit(value: Any, ann: Any) -> tuple[bool, Any]:
         return False, value
     if origin is Literal:
         return value in args, value
-    if origin in (list, tuple, typing.Sequence, __import__("collections.abc").abc.Sequence):
+    if origin in (list, tuple, collections.abc.Sequence):
         if not isinstance(value, (list, tuple)):
             return False, value
         inner = args[0] if args else Any

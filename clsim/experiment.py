@@ -21,7 +21,8 @@ from clsim.engine.checkpoint import RunState, load_checkpoint, save_checkpoint
 from clsim.engine.engine import Engine, derive_seed
 from clsim.engine.progress import Progress
 from clsim.errors import ConfigError
-from clsim.report.run_folder import atomic_write_text, write_results
+from clsim.atomic import atomic_write_text
+from clsim.report.run_folder import write_results
 from clsim.scenarios.base import Scenario
 from clsim.strategies.base import Strategy
 

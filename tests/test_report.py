@@ -15,6 +15,7 @@ from clsim.metrics import summarize
 from clsim.report import compare_runs, read_run, write_results
 from clsim.report import plots, run_folder
 from clsim.report.compare import run_labels
+from clsim import atomic
 from clsim.report.run_folder import atomic_write_json, matrix_csv
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -118,7 +119,7 @@ def test_crash_during_atomic_write_keeps_previous_file(tmp_path, monkeypatch, wh
     if where == "serialise":
         new["bad"] = object()  # not JSON-serialisable: fails before any file is opened
     else:
-        monkeypatch.setattr(run_folder.os, where.split(".")[1], _fail)
+        monkeypatch.setattr(atomic.os, where.split(".")[1], _fail)
     with pytest.raises((OSError, TypeError)):
         atomic_write_json(path, new)
     monkeypatch.undo()

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from clsim.atomic import atomic_write
 
 
 @dataclass
@@ -32,20 +32,11 @@ class RunState:
 
 
 def save_checkpoint(path: Path, *, state: RunState, model: torch.nn.Module, strategy_state: dict[str, Any]) -> None:
-    """Write ``path`` atomically: a temp file in the same folder, then ``os.replace``."""
+    """Write ``path`` atomically (see :mod:`clsim.atomic`)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"run": asdict(state), "num_classes": model.num_classes,
                "model": model.state_dict(), "strategy": strategy_state}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(payload, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda f: torch.save(payload, f))
 
 
 def load_checkpoint(path: Path, map_location: torch.device) -> dict[str, Any]:

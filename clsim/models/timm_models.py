@@ -12,16 +12,16 @@ from typing import Any, Literal
 import timm
 from torch import nn
 
-from clsim.errors import ConfigError
+from clsim.errors import ConfigError, did_you_mean
 from clsim.models.heads import IncrementalClassifier
 from clsim.registry import MODELS
 
 
 def create_backbone(arch: str, pretrained: bool | str, **kwargs: Any) -> nn.Module:
     """``timm.create_model(arch, num_classes=0)`` with clsim's pretrained-weights rules."""
-    if arch not in timm.list_models():
-        known = timm.list_models(f"*{arch.split('_')[0]}*")[:8]
-        raise ConfigError("model.arch", f"unknown timm architecture '{arch}'; e.g. {', '.join(known)}")
+    if not timm.is_model(arch):  # accepts a weights tag: vit_base_patch16_224.augreg_in21k
+        hint = did_you_mean(arch, timm.list_models())
+        raise ConfigError("model.arch", f"unknown timm architecture '{arch}'{hint}; see timm.list_models()")
     options: dict[str, Any] = {"num_classes": 0, **kwargs}
     if isinstance(pretrained, str):
         path = Path(pretrained).expanduser()
@@ -42,8 +42,15 @@ def create_backbone(arch: str, pretrained: bool | str, **kwargs: Any) -> nn.Modu
 
 
 def _default_patch(image_size: int) -> int:
-    """The largest of 16, 8, 4, 2 that leaves at least a 4x4 grid of patches."""
-    return next((p for p in (16, 8, 4, 2) if image_size // p >= 4), 1)
+    """The largest of 16, 8, 4, 2 leaving an 8x8 grid of patches, else a 4x4 grid.
+
+    224 px -> 16 (ViT-B/16), 64 px -> 8, 32 px -> 4 (the usual CIFAR ViT), 8 px -> 2.
+    """
+    for min_grid in (8, 4):
+        patch = next((p for p in (16, 8, 4, 2) if image_size // p >= min_grid), None)
+        if patch:
+            return patch
+    return 1
 
 
 @MODELS.register("vit")
@@ -63,7 +70,7 @@ def vit(
 
     Args:
         arch: timm ViT architecture whose defaults the other keys override.
-        patch_size: patch side; default keeps at least a 4x4 grid (2 for 8 px, 4 for 32 px... 16 at 224).
+        patch_size: patch side; default 16 at 224 px, 4 at 32 px, 2 at 8 px (see _default_patch).
         embed_dim: token width (default: the architecture's).
         depth: number of transformer blocks (default: the architecture's).
         num_heads: attention heads (default: the architecture's).
@@ -106,8 +113,11 @@ def resnet(
     backbone = create_backbone(arch, pretrained, in_chans=channels)
     if small_input if small_input is not None else height <= 64:
         # He et al. 2016, Sec. 4.2: small images lose too much to a 7x7/2 conv + max-pool.
-        stem_out = backbone.conv1.out_channels
-        backbone.conv1 = nn.Conv2d(channels, stem_out, 3, stride=1, padding=1, bias=False)
+        if isinstance(backbone.conv1, nn.Conv2d):
+            stem_out = backbone.conv1.out_channels
+            backbone.conv1 = nn.Conv2d(channels, stem_out, 3, stride=1, padding=1, bias=False)
+        else:  # deep stem (resnet*d, resnet*t): three 3x3 convs, only the first strided
+            backbone.conv1[0].stride = (1, 1)
         backbone.maxpool = nn.Identity()
     return IncrementalClassifier(backbone, backbone.num_features)
 

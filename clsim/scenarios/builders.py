@@ -22,7 +22,8 @@ def long_tail_counts(n_max: int, num_classes: int, imbalance_ratio: float) -> np
     """Exponential profile n_c = floor(n_max * rho^(-c / (C - 1))), c = 0..C-1 (Cui et al. 2019)."""
     c = np.arange(num_classes)
     exponent = c / max(num_classes - 1, 1)
-    return np.floor(n_max * imbalance_ratio ** (-exponent)).astype(np.int64)
+    # round first: 64 * 64**(-5/6) is 1.9999999999999996 in floating point and must floor to 2
+    return np.floor(np.round(n_max * imbalance_ratio ** (-exponent), 6)).astype(np.int64)
 
 
 def resolve_class_order(order: ClassOrder, num_classes: int, seed: int) -> np.ndarray:
@@ -43,6 +44,8 @@ def split_classes(
     first_task_classes: int | None,
 ) -> list[int]:
     """How many classes each task gets."""
+    if classes_per_task is not None and n_tasks is not None:
+        raise ConfigError("scenario.n_tasks", "give either n_tasks or classes_per_task, not both")
     if classes_per_task is not None:
         if min(classes_per_task, default=0) < 1 or sum(classes_per_task) > num_classes:
             raise ConfigError("scenario.classes_per_task", f"expected ints >= 1 summing to at most "

@@ -1,0 +1,54 @@
+"""The benchmark scripts run end to end with their smallest options and print the JSON promised.
+
+Each runs as a subprocess (as a user would run it) and takes tens of seconds, hence ``slow``.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_benchmark(script: str, *options: str) -> dict:
+    """Run ``benchmarks/<script>`` and return the one JSON object it prints on stdout."""
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *options],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout)
+
+
+@pytest.mark.slow
+def test_overhead_prints_throughputs_and_overheads():
+    result = run_benchmark("overhead.py", "--epochs", "1", "--repeats", "1", "--cases", "digits_vit")
+    assert result["benchmark"] == "overhead"
+    assert {"settings", "target_overhead_pct", "max_overhead_pct", "meets_target", "cases"} <= set(result)
+    case = result["cases"]["digits_vit"]
+    assert {"images_per_s", "ms_per_step", "overhead_pct", "train_seconds", "identical_weights",
+            "ewc_fisher_s", "images_per_run", "steps_per_run"} <= set(case)
+    assert set(case["images_per_s"]) == {"bare", "clsim", "clsim_progress", "clsim_ewc"}
+    assert set(case["overhead_pct"]) == {"clsim", "clsim_progress", "clsim_ewc"}
+    assert all(v > 0 for v in case["images_per_s"].values())
+    assert case["identical_weights"] is True  # the bare loop did exactly clsim's work
+
+
+@pytest.mark.slow
+def test_vs_avalanche_prints_times_and_accuracies():
+    pytest.importorskip("avalanche")
+    result = run_benchmark("vs_avalanche.py", "--epochs", "1", "--repeats", "1")
+    assert result["benchmark"] == "vs_avalanche"
+    assert {"settings", "clsim", "avalanche", "speedup_avalanche_over_clsim", "speedup_paired_median",
+            "accuracy_diff_points", "targets", "meets_speedup_target", "meets_accuracy_target",
+            "shared_order"} <= set(result)
+    for side in ("clsim", "avalanche"):
+        assert {"wall_s_median", "wall_s", "average_accuracy", "forgetting",
+                "accuracy_matrix_first_run"} <= set(result[side])
+        assert 0.0 <= result[side]["average_accuracy"] <= 1.0
+    assert result["settings"]["clsim_lambda"] == 2 * result["settings"]["avalanche_ewc_lambda"]
+    # on clsim's own batch order, Avalanche's EWC lands on the same accuracies
+    assert abs(result["shared_order"]["accuracy_diff_points"]) <= 2.0
