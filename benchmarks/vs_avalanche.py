@@ -70,9 +70,23 @@ ACCURACY_TARGET_POINTS = 2.0
 HEAD_STREAM = 2_000_003  # derive_seed tag of the head-growth draws (distinct from clsim's own)
 
 
+Seconds = tuple[float, float]  # (wall-clock, this process's CPU time)
+
+
 def log(message: str) -> None:
     """Progress lines go to stderr; stdout carries only the JSON result."""
     print(message, file=sys.stderr, flush=True)
+
+
+def clock() -> Seconds:
+    """Now, on the wall clock and on this process's CPU clock."""
+    return time.perf_counter(), time.process_time()
+
+
+def since(start: Seconds) -> Seconds:
+    """``(wall, cpu)`` seconds elapsed since ``start``."""
+    wall, cpu = clock()
+    return wall - start[0], cpu - start[1]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -146,8 +160,8 @@ def seeded_linear(seed: int, in_features: int, out_features: int) -> nn.Linear:
 # ----------------------------------------------------------------------------------- clsim
 
 
-def run_clsim(setup: Setup, order_seed: int) -> tuple[float, list[list[float | None]]]:
-    """The clsim stream (grow, fit, Fisher, evaluate); ``(wall seconds, accuracy matrix)``.
+def run_clsim(setup: Setup, order_seed: int) -> tuple[Seconds, list[list[float | None]]]:
+    """The clsim stream (grow, fit, Fisher, evaluate); ``((wall, cpu) seconds, accuracy matrix)``.
 
     ``order_seed`` is the engine's seed: it only decides the batch order here (no dropout,
     no augmentation); the model, data and class order come from ``setup``.
@@ -158,11 +172,11 @@ def run_clsim(setup: Setup, order_seed: int) -> tuple[float, list[list[float | N
     strategy.setup(model)
     learner = Learner(base.scenario, model, strategy, Engine(setup.config.train, seed=order_seed))
     state = RunState()
-    started = time.perf_counter()
+    started = clock()
     for exp in base.scenario.experiences:
         grow_seeded(model, base.scenario.seen_classes(exp.index), head_seed(setup, exp.index))
         train_and_evaluate(learner, exp.index, state)
-    return time.perf_counter() - started, state.rows
+    return since(started), state.rows
 
 
 @torch.no_grad()
@@ -259,8 +273,8 @@ def avalanche_strategy(setup: Setup, args: argparse.Namespace, *, shared_order: 
 
 
 def run_avalanche(setup: Setup, args: argparse.Namespace, order_seed: int, *, shared_order: bool = False
-                  ) -> tuple[float, list[list[float | None]]]:
-    """The Avalanche stream (train, evaluate seen test sets); ``(wall seconds, accuracy matrix)``.
+                  ) -> tuple[Seconds, list[list[float | None]]]:
+    """The Avalanche stream (train, evaluate seen test sets); ``((wall, cpu) seconds, accuracy matrix)``.
 
     ``order_seed`` seeds torch before the run (Avalanche's shuffling draws from it), or with
     ``shared_order`` is the clsim engine seed whose batch order is replayed.
@@ -271,13 +285,13 @@ def run_avalanche(setup: Setup, args: argparse.Namespace, order_seed: int, *, sh
     torch.manual_seed(order_seed)
     strategy = avalanche_strategy(setup, args, shared_order=order_seed if shared_order else None)
     T, rows = len(setup.train), []
-    started = time.perf_counter()
+    started = clock()
     for i, exp in enumerate(bench.train_stream):
         strategy.train(exp, reset_optimizer_state=True)  # clsim re-creates its optimizer per task
         results = strategy.eval(bench.test_stream[: i + 1])
         rows.append([results[f"Top1_Acc_Exp/eval_phase/test_stream/Task000/Exp{j:03d}"]
                      for j in range(i + 1)] + [None] * (T - i - 1))
-    return time.perf_counter() - started, rows
+    return since(started), rows
 
 
 # --------------------------------------------------------------------------------- driver
@@ -285,33 +299,41 @@ def run_avalanche(setup: Setup, args: argparse.Namespace, order_seed: int, *, sh
 
 def time_both(setup: Setup, args: argparse.Namespace) -> dict[str, dict[str, list]]:
     """Alternate clsim and Avalanche ``--repeats`` times; repeat r uses data order ``seed + r``."""
-    runs: dict[str, dict[str, list]] = {n: {"seconds": [], "matrices": []} for n in ("clsim", "avalanche")}
+    runs: dict[str, dict[str, list]] = {n: {"seconds": [], "cpu": [], "matrices": []} for n in ("clsim", "avalanche")}
     for r in range(args.repeats):
         order_seed = args.seed + r
         runners: dict[str, Callable[[], tuple[float, list]]] = {
             "clsim": lambda: run_clsim(setup, order_seed),
             "avalanche": lambda: run_avalanche(setup, args, order_seed)}
         for name in (["clsim", "avalanche"] if r % 2 == 0 else ["avalanche", "clsim"]):
-            seconds, rows = runners[name]()
+            (seconds, cpu), rows = runners[name]()
             runs[name]["seconds"].append(seconds)
+            runs[name]["cpu"].append(cpu)
             runs[name]["matrices"].append(rows)
-            log(f"  repeat {r + 1}/{args.repeats} {name:9s} {seconds:7.2f} s, "
+            log(f"  repeat {r + 1}/{args.repeats} {name:9s} {seconds:7.2f} s wall, {cpu:7.2f} s cpu, "
                 f"average accuracy {M.average_accuracy(rows):.4f}")
     return runs
 
 
-def summary(matrices: list[list[list[float | None]]], seconds: list[float]) -> dict[str, Any]:
-    """Median wall time; accuracy and forgetting averaged over the runs (their data orders)."""
+def summary(runs: dict[str, list]) -> dict[str, Any]:
+    """Median times; accuracy and forgetting averaged over the runs (their data orders)."""
+    matrices = runs["matrices"]
     accs = [M.average_accuracy(rows) for rows in matrices]
     return {
-        "wall_s_median": round(statistics.median(seconds), 3),
-        "wall_s": [round(s, 3) for s in seconds],
+        "wall_s_median": round(statistics.median(runs["seconds"]), 3),
+        "wall_s": [round(s, 3) for s in runs["seconds"]],
+        "cpu_s": [round(s, 3) for s in runs["cpu"]],
         "average_accuracy": round(statistics.fmean(accs), 4),
         "average_accuracy_std": round(statistics.stdev(accs), 4) if len(accs) > 1 else 0.0,
         "average_accuracy_runs": [round(a, 4) for a in accs],
         "forgetting": round(statistics.fmean(M.forgetting(rows) for rows in matrices), 4),
         "accuracy_matrix_first_run": rounded(matrices[0]),
     }
+
+
+def paired_ratio(runs: dict[str, dict[str, list]], key: str) -> float:
+    """Median over repeats of Avalanche's time / clsim's time in the same repeat."""
+    return round(statistics.median(a / c for a, c in zip(runs["avalanche"][key], runs["clsim"][key])), 2)
 
 
 def rounded(rows: list[list[float | None]]) -> list[list[float | None]]:
@@ -321,7 +343,7 @@ def rounded(rows: list[list[float | None]]) -> list[list[float | None]]:
 
 def shared_order_check(setup: Setup, args: argparse.Namespace, clsim_rows: list[list]) -> dict[str, Any]:
     """Avalanche on clsim's batch order of the first repeat, against clsim's first matrix."""
-    seconds, rows = run_avalanche(setup, args, args.seed, shared_order=True)
+    (seconds, _), rows = run_avalanche(setup, args, args.seed, shared_order=True)
     diffs = [abs(a - b) for ra, rb in zip(rows, clsim_rows) for a, b in zip(ra, rb) if a is not None]
     return {
         "wall_s": round(seconds, 3),
@@ -366,15 +388,15 @@ def main(argv: list[str] | None = None) -> int:
     setup = prepare(args)
     log(f"vs_avalanche: {args.epochs} epochs, {args.repeats} repeats, ewc_lambda {args.ewc_lambda} "
         f"(clsim lambda {2 * args.ewc_lambda})")
-    run_clsim(setup, args.seed)  # warm-up (kernels, allocator); not timed
+    run_clsim(setup, args.seed)  # warm-up (kernels, allocator, lazy imports); not timed
+    run_avalanche(setup, args, args.seed)
     runs = time_both(setup, args)
-    clsim = summary(runs["clsim"]["matrices"], runs["clsim"]["seconds"])
-    ava = summary(runs["avalanche"]["matrices"], runs["avalanche"]["seconds"])
+    clsim, ava = summary(runs["clsim"]), summary(runs["avalanche"])
     result = {
         "benchmark": "vs_avalanche", "settings": settings(setup, args), "clsim": clsim, "avalanche": ava,
         "speedup_avalanche_over_clsim": round(ava["wall_s_median"] / clsim["wall_s_median"], 2),
-        "speedup_paired_median": round(statistics.median(
-            a / c for a, c in zip(runs["avalanche"]["seconds"], runs["clsim"]["seconds"])), 2),
+        "speedup_paired_median": paired_ratio(runs, "seconds"),
+        "speedup_cpu_time_paired_median": paired_ratio(runs, "cpu"),
         "accuracy_diff_points": round(100 * (clsim["average_accuracy"] - ava["average_accuracy"]), 2),
         "targets": {"speedup": SPEEDUP_TARGET, "accuracy_points": ACCURACY_TARGET_POINTS},
     }

@@ -15,6 +15,7 @@ from __future__ import annotations
 import collections.abc
 import copy
 import dataclasses
+import hashlib
 import importlib.util
 import inspect
 import keyword
@@ -210,6 +211,10 @@ def parse_section(
         raise ConfigError(key, f"expected a mapping with a 'name', got {_kind(raw)}")
     raw = dict(raw)
     plugin = raw.pop("plugin", None)
+    if plugin is not None and "name" in raw:
+        raise ConfigError(f"{key}.plugin", f"give either 'name' or 'plugin', not both (name: {raw['name']!r}); "
+                                           f"to swap in a plugin from the command line, set the whole section: "
+                                           f"--set '{key}={{plugin: FILE.py:Class}}'")
     if plugin is not None:
         factory, plugin = load_plugin(plugin, f"{key}.plugin", base_dir), _resolve_plugin(plugin, base_dir)
         name = factory.__name__.lower()
@@ -238,7 +243,10 @@ def check_kwargs(key: str, factory: Any, raw: dict[str, Any]) -> dict[str, Any]:
     missing = [p for p, spec in params.items() if spec.default is inspect.Parameter.empty and p not in kwargs]
     if missing:
         raise ConfigError(f"{key}.{_yaml_key(missing[0])}", "required key is missing")
-    return kwargs
+    # Record every default too: config.yaml then reruns the same experiment even if a
+    # factory's defaults change later.
+    defaults = {p: copy.deepcopy(spec.default) for p, spec in params.items() if p not in kwargs}
+    return defaults | kwargs
 
 
 def config_parameters(factory: Any) -> dict[str, inspect.Parameter]:
@@ -369,13 +377,22 @@ def load_plugin(spec: Any, path: str, base_dir: Path | None = None) -> Any:
     if found is None:
         raise ConfigError(path, f"plugin file '{file}' not found (looked in the working "
                                 f"directory and next to the config)")
-    module_name = f"clsim_plugin_{found.stem}_{abs(hash(str(found)))}"
+    # stable across processes (unlike hash()), so worker processes name the module alike
+    module_name = f"clsim_plugin_{found.stem}_{hashlib.sha1(str(found).encode()).hexdigest()[:12]}"
     module = sys.modules.get(module_name)
     if module is None:
         spec_obj = importlib.util.spec_from_file_location(module_name, found)
         module = importlib.util.module_from_spec(spec_obj)
         sys.modules[module_name] = module
-        spec_obj.loader.exec_module(module)
+        try:
+            spec_obj.loader.exec_module(module)
+        except (ImportError, SyntaxError) as exc:  # the user's file or its environment: exit 2
+            del sys.modules[module_name]
+            line = f", line {exc.lineno}" if isinstance(exc, SyntaxError) else ""
+            raise ConfigError(path, f"'{file}' failed to import{line}: {type(exc).__name__}: {exc}") from exc
+        except BaseException:  # a bug in the plugin: keep its traceback, but not a half-loaded module
+            del sys.modules[module_name]
+            raise
     if not hasattr(module, attr):
         names = [n for n in vars(module) if not n.startswith("_")]
         raise ConfigError(path, f"'{file}' defines no '{attr}'{did_you_mean(attr, names)}")

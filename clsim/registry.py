@@ -49,6 +49,10 @@ class Registry:
             raise ValueError(f"{self.kind} {name!r} is already registered")
         self._entries[name] = obj
 
+    def remove(self, name: str) -> None:
+        """Unregister ``name`` (for tests and interactive sessions); unknown names are ignored."""
+        self._entries.pop(name, None)
+
     def get(self, name: str, *, path: str = "name") -> Callable[..., Any]:
         """The factory registered as ``name``; a :class:`ConfigError` at ``path`` if unknown."""
         self._load_entry_points()

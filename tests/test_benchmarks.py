@@ -27,12 +27,15 @@ def run_benchmark(script: str, *options: str) -> dict:
 def test_overhead_prints_throughputs_and_overheads():
     result = run_benchmark("overhead.py", "--epochs", "1", "--repeats", "1", "--cases", "digits_vit")
     assert result["benchmark"] == "overhead"
-    assert {"settings", "target_overhead_pct", "max_overhead_pct", "meets_target", "cases"} <= set(result)
+    assert {"settings", "target_overhead_pct", "target_metric", "max_overhead_pct", "meets_target",
+            "cases"} <= set(result)
     case = result["cases"]["digits_vit"]
-    assert {"images_per_s", "ms_per_step", "overhead_pct", "train_seconds", "identical_weights",
-            "ewc_fisher_s", "images_per_run", "steps_per_run"} <= set(case)
+    assert {"images_per_s", "ms_per_step", "overhead_pct", "overhead_pct_paired", "overhead_pct_cpu_time",
+            "train_wall_s", "train_cpu_s", "identical_weights", "ewc_fisher_s", "images_per_run",
+            "steps_per_run"} <= set(case)
     assert set(case["images_per_s"]) == {"bare", "clsim", "clsim_progress", "clsim_ewc"}
-    assert set(case["overhead_pct"]) == {"clsim", "clsim_progress", "clsim_ewc"}
+    for key in ("overhead_pct", "overhead_pct_paired", "overhead_pct_cpu_time"):
+        assert set(case[key]) == {"clsim", "clsim_progress", "clsim_ewc"}
     assert all(v > 0 for v in case["images_per_s"].values())
     assert case["identical_weights"] is True  # the bare loop did exactly clsim's work
 
@@ -43,10 +46,10 @@ def test_vs_avalanche_prints_times_and_accuracies():
     result = run_benchmark("vs_avalanche.py", "--epochs", "1", "--repeats", "1")
     assert result["benchmark"] == "vs_avalanche"
     assert {"settings", "clsim", "avalanche", "speedup_avalanche_over_clsim", "speedup_paired_median",
-            "accuracy_diff_points", "targets", "meets_speedup_target", "meets_accuracy_target",
+            "speedup_cpu_time_paired_median", "accuracy_diff_points", "targets", "meets_speedup_target", "meets_accuracy_target",
             "shared_order"} <= set(result)
     for side in ("clsim", "avalanche"):
-        assert {"wall_s_median", "wall_s", "average_accuracy", "forgetting",
+        assert {"wall_s_median", "wall_s", "cpu_s", "average_accuracy", "forgetting",
                 "accuracy_matrix_first_run"} <= set(result[side])
         assert 0.0 <= result[side]["average_accuracy"] <= 1.0
     assert result["settings"]["clsim_lambda"] == 2 * result["settings"]["avalanche_ewc_lambda"]

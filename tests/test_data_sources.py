@@ -60,7 +60,8 @@ def test_fixed_sources_declare_num_classes(name, n):
 def test_a_yaml_section_is_the_call():
     section = parse_section("data", {"name": "cifar10", "root": "~/data", "image_size": 224},
                             DATASETS)
-    assert section.factory is cifar10 and section.kwargs == {"root": "~/data", "image_size": 224}
+    assert section.factory is cifar10
+    assert section.kwargs == {"root": "~/data", "image_size": 224, "download": False, "augment": True}
 
 
 @pytest.mark.parametrize("factory", [cifar10, cifar100, imagenet_r, tiny_imagenet, image_folder])

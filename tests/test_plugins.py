@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
+import inspect
 import io
 import json
 import subprocess
@@ -225,6 +226,56 @@ def test_si_file_registers_only_in_its_own_registry_and_loads_twice():
     assert issubclass(SI, Strategy)
 
 
+# -- the registry-parametrized strategy tests, run on SI ----------------------------------------
+
+# tests/test_strategies.py runs every registered strategy through the same contract tests; SI
+# is loaded by path, so it is in no registry: register it for the duration of each test and
+# call those tests on it. (API-generic ones only: some others read built-in internals.)
+CONTRACT = [
+    "test_strategy_trains_a_two_experience_stream",
+    "test_resume_from_a_checkpoint_is_exact",
+    "test_state_dict_round_trip_gives_identical_predictions_and_loss",
+    "test_negative_lambda_is_a_config_error",
+    "test_mask_past_masks_earlier_classes_in_the_loss",
+    "test_mask_past_leaves_old_head_rows_untouched_in_training",
+    "test_params_matching_nothing_is_a_config_error",
+]
+_spec = importlib.util.spec_from_file_location("clsim_strategy_contract", ROOT / "tests" / "test_strategies.py")
+contract = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(contract)  # not collected under this name: its tests run once, there
+
+
+def contract_cases() -> list:
+    """(test name, its other parametrize arguments) for every case of the CONTRACT tests."""
+    cases = []
+    for test_name in CONTRACT:
+        combos = [{}]
+        for mark in getattr(getattr(contract, test_name, None), "pytestmark", []):
+            if mark.name == "parametrize" and mark.args[0] != "name":
+                combos = [c | {mark.args[0]: v} for c in combos for v in mark.args[1]]
+        cases += [pytest.param(test_name, c, id="-".join([test_name, *map(str, c.values())])) for c in combos]
+    return cases
+
+
+@pytest.fixture
+def si_name():
+    """SI registered in clsim's STRATEGIES under a unique name, removed afterwards."""
+    name = f"si_plugin_{uuid.uuid4().hex[:8]}"
+    STRATEGIES.register(name)(si_class())
+    yield name
+    STRATEGIES.remove(name)
+
+
+@pytest.mark.parametrize("test_name, params", contract_cases())
+def test_si_passes_the_registry_parametrized_strategy_tests(test_name, params, si_name, request):
+    assert hasattr(contract, test_name), f"tests/test_strategies.py has no {test_name} any more"
+    request.getfixturevalue("single_thread")
+    func = getattr(contract, test_name)
+    kwargs = {p: si_name if p == "name" else params[p] if p in params else request.getfixturevalue(p)
+              for p in inspect.signature(func).parameters}
+    func(**kwargs)
+
+
 # -- (c) by file path, end to end ----------------------------------------------------------
 
 
@@ -334,7 +385,7 @@ def registered_name():
     """A unique name in clsim's STRATEGIES, removed afterwards (Registry has no public remove)."""
     name = f"recorder_{uuid.uuid4().hex[:8]}"
     yield name
-    STRATEGIES._entries.pop(name, None)
+    STRATEGIES.remove(name)
 
 
 def test_decorator_registration_in_a_fresh_registry():
