@@ -136,10 +136,13 @@ class Engine:
     def _optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
         cfg = self.train
         params = [p for p in model.parameters() if p.requires_grad]
+        # foreach: one kernel per step for all parameters; PyTorch only defaults to it on CUDA,
+        # and on CPU it gives bit-identical updates, faster (many small tensors in a ViT).
         if cfg.optimizer == "sgd":
-            return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+            return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                                   foreach=True)
         cls = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.AdamW
-        return cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)
 
     def _schedule(self, optimizer: torch.optim.Optimizer, total_steps: int) -> torch.optim.lr_scheduler.LRScheduler:
         if self.train.schedule == "cosine":

@@ -22,7 +22,9 @@ class Progress:
         self._bars = RichProgress(
             TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
             TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
-            console=self.console, disable=quiet,
+            # 2 redraws a second: at rich's default 10, redraws cost up to 8% of a tiny model's
+            # training time (benchmarks/overhead.py, clsim_progress)
+            console=self.console, disable=quiet, refresh_per_second=2,
         )
 
     def __enter__(self) -> Progress:
