@@ -448,3 +448,12 @@ def test_synthetic_is_hard_for_a_linear_model(max_shift):
 def test_synthetic_is_solved_by_a_translation_invariant_model(max_shift):
     pixels, invariant = synthetic_accuracies(max_shift)
     assert invariant > 0.95 and invariant > pixels
+
+
+@pytest.mark.parametrize("normalize, mean", [("imagenet", 0.485), ("inception", 0.5), ("none", 0.0)])
+def test_imagenet_r_normalization_matches_the_choice(imagenet_r_root, normalize, mean):
+    source = imagenet_r(root=str(imagenet_r_root), image_size=32, augment=False, normalize=normalize)
+    norm = source.test.transform.transforms[-1]
+    assert norm.mean[0] == pytest.approx(mean)
+    x, _ = source.test[0]
+    assert x.shape == (3, 32, 32)

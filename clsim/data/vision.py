@@ -19,13 +19,12 @@ import re
 import tarfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from torch.utils.data import Dataset
 
-from clsim.data.base import Source
-from clsim.data.base import stratified_split
+from clsim.data.base import Source, stratified_split
 from clsim.errors import ConfigError, DataNotFoundError
 from clsim.registry import DATASETS
 
@@ -34,6 +33,14 @@ DEFAULT_ROOT = "~/.cache/clsim/data"
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+# Pretrained weights expect the normalisation they were trained with: timm's ViT-B/16
+# (augreg) uses "inception" (0.5, 0.5); CODA-Prompt's ImageNet-R code uses none (0, 1).
+NORMALIZATIONS = {
+    "imagenet": (IMAGENET_MEAN, IMAGENET_STD),
+    "inception": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+    "none": ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0)),
+}
+Normalization = Literal["imagenet", "inception", "none"]
 CIFAR_STATS = {  # per-channel mean and std of the training images
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
     "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
@@ -100,15 +107,18 @@ def cifar_transforms(
     return T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), *tail]), test
 
 
-def imagenet_transforms(*, image_size: int, augment: bool) -> tuple[Transform, Transform]:
+def imagenet_transforms(
+    *, image_size: int, augment: bool, normalize: Normalization = "imagenet"
+) -> tuple[Transform, Transform]:
     """``(train, test)`` ImageNet-style transforms.
 
     Train: random-resized crop to ``image_size`` and flip (when ``augment``). Test: resize the
-    short side to ``image_size * 256 / 224`` and centre-crop ``image_size``.
+    short side to ``image_size * 256 / 224`` and centre-crop ``image_size``. Both end with the
+    ``normalize`` entry of :data:`NORMALIZATIONS`.
     """
     from torchvision import transforms as T
 
-    tail = [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    tail = [T.ToTensor(), T.Normalize(*NORMALIZATIONS[normalize])]
     test = T.Compose([T.Resize(int(image_size * 256 / 224)), T.CenterCrop(image_size), *tail])
     if not augment:
         return test, test
@@ -123,9 +133,10 @@ def image_list_source(
     *,
     image_size: int,
     augment: bool,
+    normalize: Normalization,
 ) -> Source:
     """A Source over ``(path, label)`` lists with :func:`imagenet_transforms`."""
-    train_tf, test_tf = imagenet_transforms(image_size=image_size, augment=augment)
+    train_tf, test_tf = imagenet_transforms(image_size=image_size, augment=augment, normalize=normalize)
     return Source(
         name=name,
         train=ImageListDataset(train, transform=train_tf),
@@ -315,6 +326,7 @@ def imagenet_r(
     test_fraction: float = 0.2,
     split_seed: int = 0,
     augment: bool = True,
+    normalize: Normalization = "imagenet",
 ) -> Source:
     """ImageNet-R: 30,000 renditions (art, cartoons, ...) of 200 ImageNet classes, 80/20 split.
 
@@ -329,6 +341,8 @@ def imagenet_r(
         test_fraction: share of each class held out for testing.
         split_seed: seed of the stratified train/test split.
         augment: random-resized crop and horizontal flip of training images.
+        normalize: 'imagenet' (ImageNet mean/std), 'inception' (0.5/0.5, timm's ViT-B/16
+            weights) or 'none'; match the pretrained weights' own.
     """
     check_image_size(image_size)
     classes, samples = scan_class_folders(_imagenet_r_folder(data_root(root)))
@@ -336,7 +350,8 @@ def imagenet_r(
         samples, classes, test_fraction=test_fraction, split_seed=split_seed
     )
     return image_list_source(
-        "imagenet_r", train, test, classes, image_size=image_size, augment=augment
+        "imagenet_r", train, test, classes, image_size=image_size, augment=augment,
+        normalize=normalize,
     )
 
 
@@ -379,7 +394,8 @@ def _tiny_imagenet_val(folder: Path, classes: Sequence[str]) -> Samples:
 
 @DATASETS.register("tiny_imagenet")
 def tiny_imagenet(
-    *, root: str | None = None, image_size: int = 64, augment: bool = True
+    *, root: str | None = None, image_size: int = 64, augment: bool = True,
+    normalize: Normalization = "imagenet",
 ) -> Source:
     """Tiny-ImageNet: 110,000 64x64 images of 200 classes; the official val split is the test set.
 
@@ -388,6 +404,8 @@ def tiny_imagenet(
             ``$CLSIM_DATA`` or ``~/.cache/clsim/data``).
         image_size: side of the square crops the model sees.
         augment: random-resized crop and horizontal flip of training images.
+        normalize: 'imagenet' (ImageNet mean/std), 'inception' (0.5/0.5, timm's ViT-B/16
+            weights) or 'none'; match the pretrained weights' own.
     """
     check_image_size(image_size)
     folder = _tiny_imagenet_folder(data_root(root))
@@ -400,7 +418,8 @@ def tiny_imagenet(
     classes, train = scan_class_folders(folder / "train", classes)
     test = _tiny_imagenet_val(folder, classes)
     return image_list_source(
-        "tiny_imagenet", train, test, classes, image_size=image_size, augment=augment
+        "tiny_imagenet", train, test, classes, image_size=image_size, augment=augment,
+        normalize=normalize,
     )
 
 
@@ -418,6 +437,7 @@ def image_folder(
     test_fraction: float = 0.2,
     split_seed: int = 0,
     augment: bool = True,
+    normalize: Normalization = "imagenet",
 ) -> Source:
     """Any class-per-folder image tree, with its own train/ and test/ or split stratified.
 
@@ -430,6 +450,8 @@ def image_folder(
         test_fraction: share of each class held out for testing (single-tree layout only).
         split_seed: seed of the stratified train/test split (single-tree layout only).
         augment: random-resized crop and horizontal flip of training images.
+        normalize: 'imagenet' (ImageNet mean/std), 'inception' (0.5/0.5, timm's ViT-B/16
+            weights) or 'none'; match the pretrained weights' own.
     """
     check_image_size(image_size)
     folder = data_root(root)
@@ -445,5 +467,6 @@ def image_folder(
             samples, classes, test_fraction=test_fraction, split_seed=split_seed
         )
     return image_list_source(
-        "image_folder", train, test, classes, image_size=image_size, augment=augment
+        "image_folder", train, test, classes, image_size=image_size, augment=augment,
+        normalize=normalize,
     )
