@@ -60,7 +60,9 @@ def run(config: ExperimentConfig, out_dir: Path, *, resume: bool = False, quiet:
 
 
 def check_run_dir(config: ExperimentConfig, out_dir: Path, *, resume: bool) -> None:
-    """Refuse to overwrite an earlier run; on resume, refuse a different config."""
+    """Refuse a folder that is a file, an earlier run (without resume), or another config."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(str(out_dir), "--out names a file, expected a folder for the run")
     has_run = (out_dir / "metrics.json").exists() or (out_dir / CHECKPOINT).exists()
     if has_run and not resume:
         raise ConfigError(str(out_dir), "already holds a run; pass --resume to continue it or choose another --out")
@@ -75,7 +77,10 @@ def check_run_dir(config: ExperimentConfig, out_dir: Path, *, resume: bool) -> N
 
 def write_config(config: ExperimentConfig, out_dir: Path) -> None:
     """``config.yaml``: the resolved config, enough to rerun the experiment exactly."""
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(str(out_dir), f"cannot create the run folder ({exc.strerror})")
     atomic_write_text(out_dir / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
 
 

@@ -73,6 +73,14 @@ def test_existing_run_is_never_overwritten(tmp_path, capsys):
     assert (out / "metrics.json").read_bytes() == before
 
 
+def test_out_that_is_a_file_is_an_input_error(tmp_path, capsys):
+    target = tmp_path / "a_file"
+    target.write_text("keep me")
+    assert main(["run", str(write_config(tmp_path)), "--out", str(target), "--quiet"]) == 2
+    assert "names a file" in capsys.readouterr().err
+    assert target.read_text() == "keep me"
+
+
 def test_resume_refuses_a_different_config(tmp_path, capsys):
     config, out = write_config(tmp_path), tmp_path / "run"
     assert main(["run", str(config), "--out", str(out), "--quiet"]) == 0
