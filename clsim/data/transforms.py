@@ -48,20 +48,6 @@ class RandomShift:
         return padded[batch, chans, rows, cols]
 
 
-class RandomHorizontalFlip:
-    """Flip each image left-right with probability ``p``."""
-
-    def __init__(self, p: float = 0.5):
-        self.p = p
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        flip = torch.rand(x.shape[0]) < self.p
-        if flip.any():
-            x = x.clone()
-            x[flip] = x[flip].flip(-1)
-        return x
-
-
 def resize(images: torch.Tensor, size: int) -> torch.Tensor:
     """Bilinear resize of a ``(N, C, H, W)`` tensor to ``size`` x ``size`` (no-op if equal)."""
     if images.shape[-1] == size and images.shape[-2] == size:

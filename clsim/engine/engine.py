@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 from clsim.config import TrainConfig
 from clsim.data.base import supports_batches
 from clsim.engine.progress import Progress
+from clsim.errors import ConfigError
 from clsim.strategies.base import Strategy
 
 
@@ -29,8 +30,6 @@ def derive_seed(*parts: int) -> int:
 
 def resolve_device(name: str) -> torch.device:
     """``auto`` picks CUDA when available; asking for CUDA without one is an input error."""
-    from clsim.errors import ConfigError
-
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
