@@ -477,3 +477,24 @@ def test_joint_trains_on_the_union_of_experiences_so_far(make_source):
     np.testing.assert_array_equal(y.numpy(), union.targets)
     x1, y1 = e1.train.get_batch(torch.tensor([0]))
     assert torch.equal(x[len(e0.train)], x1[0]) and int(y[len(e0.train)]) == int(y1[0])
+
+
+def test_before_epoch_is_called_once_per_epoch_with_the_step_count():
+    """The engine tells strategies where training stands (DRW, gate annealing need it)."""
+    from clsim.config import TrainConfig
+    from clsim.data.base import ArrayDataset
+    from clsim.engine.engine import Engine
+    from clsim.models.small import mlp
+    from clsim.strategies.base import Finetune
+
+    calls = []
+
+    class Recorder(Finetune):
+        def before_epoch(self, model, epoch, epochs, steps):
+            calls.append((epoch, epochs, steps))
+
+    data = ArrayDataset(torch.randn(10, 1, 4, 4), [0, 1] * 5)
+    model = mlp((1, 4, 4), hidden=[8])
+    model.grow(2)
+    Engine(TrainConfig(epochs=3, batch_size=4), seed=0).fit(model, Recorder(), data, experience=0, label="t")
+    assert calls == [(0, 3, 3), (1, 3, 3), (2, 3, 3)]  # 10 items in batches of 4: 3 steps

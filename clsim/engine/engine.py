@@ -92,6 +92,7 @@ class Engine:
         mean_loss = float("nan")
         for epoch in range(self.train.epochs):
             total, count = 0.0, 0
+            strategy.before_epoch(model, epoch, self.train.epochs, steps_per_epoch)
             seed = derive_seed(self.seed, experience, epoch)
             for x, y in self.batches(dataset, batch_size=self.train.batch_size, shuffle=True, seed=seed):
                 loss = self.step(model, strategy, optimizer, x, y)

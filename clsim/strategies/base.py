@@ -5,9 +5,11 @@ The engine owns the loop (see :mod:`clsim.engine.engine`); per experience it cal
     setup(model)                                  # once per run, before anything else
     before_task(model, experience)                # after the head has grown
     data = train_dataset(experience, past)        # what to train on
-    for each batch (x, y):
-        output = forward(model, x)                # training forward
-        loss = loss(model, x, y, output)          # a scalar tensor
+    for each epoch:
+      before_epoch(model, epoch, epochs, steps)   # e.g. deferred re-weighting, annealing
+      for each batch (x, y):
+        output = forward(model, x)              # training forward
+        loss = loss(model, x, y, output)        # a scalar tensor
         loss.backward(); after_backward(model); optimizer.step()
     after_task(model, experience, batches)        # e.g. Fisher, snapshots
     logits = predict(model, x)                    # evaluation, over all classes seen so far
@@ -58,6 +60,9 @@ class Strategy:
     def train_dataset(self, experience: Experience, past: Sequence[Experience]) -> Dataset:
         """The data to train on for ``experience`` (``past`` are the earlier experiences)."""
         return experience.train
+
+    def before_epoch(self, model: nn.Module, epoch: int, epochs: int, steps: int) -> None:
+        """Called before each training epoch (``epoch`` from 0 of ``epochs``, ``steps`` batches)."""
 
     def forward(self, model: nn.Module, x: torch.Tensor) -> Any:
         """Training forward pass; whatever it returns is handed to :meth:`loss`."""
