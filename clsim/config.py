@@ -58,6 +58,13 @@ class TrainConfig:
     """bfloat16 autocast on CUDA (ignored on CPU, where results must be bit-reproducible)."""
     num_workers: int = 0
     """DataLoader worker processes for file-backed data sets (in-memory data needs none)."""
+    sam_rho: float = 0.0
+    """Sharpness-Aware Minimization radius (Foret et al. 2021): 0 is off; > 0 takes each step
+    with the gradient at the weights moved rho along the normalised gradient (two forward and
+    backward passes per batch, any optimizer as the base). 0.05 is a common SAM setting."""
+    sam_adaptive: bool = False
+    """ASAM (Kwon et al. 2021): scale SAM's neighbourhood per weight by |w| (use a larger
+    sam_rho, e.g. 0.5-2). Ignored when sam_rho is 0."""
 
     def __post_init__(self) -> None:
         for key in ("epochs", "batch_size", "eval_batch_size"):
@@ -66,6 +73,7 @@ class TrainConfig:
         _require("train.weight_decay", self.weight_decay >= 0, "a number >= 0", self.weight_decay)
         _require("train.momentum", 0 <= self.momentum < 1, "a number in [0, 1)", self.momentum)
         _require("train.num_workers", self.num_workers >= 0, "an int >= 0", self.num_workers)
+        _require("train.sam_rho", self.sam_rho >= 0, "a number >= 0 (0 turns SAM off)", self.sam_rho)
         ok = self.device in ("cpu", "cuda", "auto") or self.device.startswith("cuda:")
         _require("train.device", ok, "'cpu', 'cuda', 'cuda:N' or 'auto'", self.device)
 

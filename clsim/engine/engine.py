@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 from clsim.config import TrainConfig
 from clsim.data.base import supports_batches
 from clsim.engine.progress import Progress
+from clsim.engine.sam import SAM, frozen_batchnorm_stats
 from clsim.errors import ConfigError
 from clsim.strategies.base import Strategy
 
@@ -105,15 +106,43 @@ class Engine:
 
     def step(self, model: nn.Module, strategy: Strategy, optimizer: torch.optim.Optimizer,
              x: torch.Tensor, y: torch.Tensor) -> float:
-        """One optimisation step through the strategy's hooks; returns the loss value."""
+        """One optimisation step through the strategy's hooks; returns the loss value.
+
+        With ``train.sam_rho > 0`` the step uses SAM's gradient (see :meth:`_sam_gradient`);
+        the loss returned is still the one at the current weights.
+        """
+        loss = self._backward(model, strategy, optimizer, x, y)
+        if self.train.sam_rho > 0:
+            self._sam_gradient(model, strategy, optimizer, x, y)
+        strategy.after_backward(model)
+        optimizer.step()
+        return float(loss.detach())
+
+    def _backward(self, model: nn.Module, strategy: Strategy, optimizer: torch.optim.Optimizer,
+                  x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Forward, loss and backward through the strategy's hooks; the gradient replaces the last one."""
         with self._autocast():
             output = strategy.forward(model, x)
             loss = strategy.loss(model, x, y, output)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        strategy.after_backward(model)
-        optimizer.step()
-        return float(loss.detach())
+        return loss
+
+    def _sam_gradient(self, model: nn.Module, strategy: Strategy, optimizer: torch.optim.Optimizer,
+                      x: torch.Tensor, y: torch.Tensor) -> None:
+        """Replace the gradient at w by the one at w + e_w, then put w back exactly (SAM, eq. 2).
+
+        ``after_backward`` then runs once, on this final gradient and at the restored weights:
+        it shapes the update the optimizer applies (e.g. masks gradients) and may record
+        per-step history (SI's path integral pairs it with the step's update), whereas the first
+        gradient only picks SAM's ascent direction and is never applied. Running it on both
+        would count a step twice; weights it freezes are perturbed but restored bit for bit.
+        """
+        sam = SAM(optimizer, rho=self.train.sam_rho, adaptive=self.train.sam_adaptive)
+        sam.perturb()
+        with frozen_batchnorm_stats(model):  # running statistics stay those of w, not w + e_w
+            self._backward(model, strategy, optimizer, x, y)
+        sam.restore()
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, strategy: Strategy, dataset: Dataset, *,

@@ -40,15 +40,28 @@ class IncrementalClassifier(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))  # (B, num_classes)
 
-    @torch.no_grad()
+    def logits_and_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(forward(x), features(x))`` from one backbone pass.
+
+        Strategies that need both call this rather than ``head(features(x))``: a model with
+        more than one head (DeiT's CLS and DIST heads) is not ``head`` on ``features``.
+        """
+        features = self.features(x)  # (B, feature_dim)
+        return self.head(features), features
+
     def grow(self, num_classes: int) -> None:
         """Widen the head to ``num_classes`` outputs, keeping the old rows' weights."""
-        old = self.head
-        if num_classes < old.out_features:
-            raise ValueError(f"the head cannot shrink ({old.out_features} -> {num_classes})")
-        if num_classes == old.out_features:
-            return
-        new = nn.Linear(self.feature_dim, num_classes).to(old.weight.device, old.weight.dtype)
-        new.weight[: old.out_features] = old.weight
-        new.bias[: old.out_features] = old.bias
-        self.head = new
+        self.head = grow_linear(self.head, num_classes)
+
+
+@torch.no_grad()
+def grow_linear(layer: nn.Linear, num_classes: int) -> nn.Linear:
+    """``layer`` widened to ``num_classes`` outputs (new rows freshly initialised), or itself."""
+    if num_classes < layer.out_features:
+        raise ValueError(f"the head cannot shrink ({layer.out_features} -> {num_classes})")
+    if num_classes == layer.out_features:
+        return layer
+    new = nn.Linear(layer.in_features, num_classes).to(layer.weight.device, layer.weight.dtype)
+    new.weight[: layer.out_features] = layer.weight
+    new.bias[: layer.out_features] = layer.bias
+    return new

@@ -53,6 +53,27 @@ def _default_patch(image_size: int) -> int:
     return 1
 
 
+def vit_options(
+    input_shape: tuple[int, int, int], /, *,
+    patch_size: int | None, embed_dim: int | None, depth: int | None,
+    num_heads: int | None, mlp_ratio: float | None, drop_path_rate: float,
+) -> dict[str, Any]:
+    """``create_backbone`` options that size a timm ViT (or DeiT) for ``(C, H, W)`` images.
+
+    ``None`` keeps the architecture's value; the patch defaults to :func:`_default_patch`.
+    Raises :class:`ConfigError` when the heads do not divide the width or the patch the image.
+    """
+    channels, height, _ = input_shape
+    overrides = {"embed_dim": embed_dim, "depth": depth, "num_heads": num_heads, "mlp_ratio": mlp_ratio}
+    if embed_dim is not None and num_heads is not None and embed_dim % num_heads:
+        raise ConfigError("model.num_heads", f"expected a divisor of embed_dim {embed_dim}, got {num_heads}")
+    patch = patch_size or _default_patch(height)
+    if height % patch:
+        raise ConfigError("model.patch_size", f"expected a divisor of the image size {height}, got {patch}")
+    return {"img_size": height, "patch_size": patch, "in_chans": channels, "drop_path_rate": drop_path_rate,
+            **{k: v for k, v in overrides.items() if v is not None}}
+
+
 @MODELS.register("vit")
 def vit(
     input_shape: tuple[int, int, int], /, *,
@@ -79,19 +100,10 @@ def vit(
         global_pool: 'token' (the CLS token) or 'avg' (mean of patch tokens, no CLS token).
         pretrained: false, true (hub, online) or a local weights file.
     """
-    channels, height, _ = input_shape
-    overrides = {"embed_dim": embed_dim, "depth": depth, "num_heads": num_heads, "mlp_ratio": mlp_ratio}
-    kwargs = {k: v for k, v in overrides.items() if v is not None}
-    if embed_dim is not None and num_heads is not None and embed_dim % num_heads:
-        raise ConfigError("model.num_heads", f"expected a divisor of embed_dim {embed_dim}, got {num_heads}")
-    patch = patch_size or _default_patch(height)
-    if height % patch:
-        raise ConfigError("model.patch_size", f"expected a divisor of the image size {height}, got {patch}")
-    backbone = create_backbone(
-        arch, pretrained, img_size=height, patch_size=patch, in_chans=channels,
-        drop_path_rate=drop_path_rate, global_pool=global_pool,
-        class_token=global_pool == "token", **kwargs,
-    )
+    sizing = vit_options(input_shape, patch_size=patch_size, embed_dim=embed_dim, depth=depth,
+                         num_heads=num_heads, mlp_ratio=mlp_ratio, drop_path_rate=drop_path_rate)
+    backbone = create_backbone(arch, pretrained, global_pool=global_pool,
+                               class_token=global_pool == "token", **sizing)
     return IncrementalClassifier(backbone, backbone.num_features)
 
 

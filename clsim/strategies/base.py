@@ -11,6 +11,8 @@ The engine owns the loop (see :mod:`clsim.engine.engine`); per experience it cal
         output = forward(model, x)              # training forward
         loss = loss(model, x, y, output)        # a scalar tensor
         loss.backward(); after_backward(model); optimizer.step()
+        # with train.sam_rho > 0 (SAM), forward and loss run a second time at perturbed
+        # weights before after_backward: hooks must not change state inside forward/loss
     after_task(model, experience, batches)        # e.g. Fisher, snapshots
     logits = predict(model, x)                    # evaluation, over all classes seen so far
 

@@ -28,8 +28,7 @@ class FeatureDistill(SelfDistillation):
         super().__init__(lambda_=lambda_)
 
     def forward(self, model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        features = model.features(x)  # (B, D)
-        return model.head(features), features
+        return model.logits_and_features(x)  # (B, C), (B, D)
 
     def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, output: Any) -> torch.Tensor:
         logits, features = output
