@@ -12,6 +12,7 @@ from clsim.strategies.base import Strategy
 from clsim.strategies.params import ParamSpec, overlap, select_parameters
 
 Tensors = dict[str, torch.Tensor]
+Anchor = tuple[Tensors, Tensors | None]
 
 
 class AnchoredPenalty(Strategy):
@@ -29,8 +30,18 @@ class AnchoredPenalty(Strategy):
         self.params = params
         self.mask_past = mask_past
         self.names: list[str] = []
-        self.anchors: list[tuple[Tensors, Tensors | None]] = []
-        self._merged: _Merged | None = None  # self.anchors folded into one quadratic (a cache)
+        self.anchors = []
+
+    @property
+    def anchors(self) -> tuple[Anchor, ...]:
+        """The (snapshot, importance) pairs; assigning them refolds the penalty."""
+        return self._anchors
+
+    @anchors.setter
+    def anchors(self, value: list[Anchor] | tuple[Anchor, ...]) -> None:
+        # a tuple, so the only way to change anchors is assignment, which keeps the fold current
+        self._anchors = tuple(value)
+        self._terms, self._constant = fold(self._anchors)
 
     def setup(self, model: nn.Module) -> None:
         self.names = select_parameters(model, self.params)
@@ -46,16 +57,14 @@ class AnchoredPenalty(Strategy):
         sum_k w_k (x - a_k)^2 = W (x - m)^2 + c with W = sum_k w_k, m = sum_k w_k a_k / W and
         the constant c = sum_k w_k (a_k - m)^2, so a step costs the same with one anchor or
         fifty (EWC ``separate`` keeps one per task). Gradients are the same; the value agrees
-        up to rounding. The fold is cached and rebuilt whenever ``self.anchors`` changes.
+        up to rounding. The fold is rebuilt whenever ``anchors`` is assigned.
         """
-        if self._merged is None or not self._merged.matches(self.anchors):
-            self._merged = _Merged.fold(self.anchors)
         params = dict(model.named_parameters())
         total = torch.zeros((), device=next(model.parameters()).device)
-        for name, (weight, center) in self._merged.terms.items():
+        for name, (weight, center) in self._terms.items():
             diff = (overlap(params[name], center) - center).pow(2)
             total = total + (diff if weight is None else weight * diff).sum()
-        return total + self._merged.constant
+        return total + self._constant
 
     def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, output: Any) -> torch.Tensor:
         ce = super().loss(model, x, y, output)
@@ -64,33 +73,22 @@ class AnchoredPenalty(Strategy):
         return ce + 0.5 * self.lambda_ * self.penalty(model)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"anchors": self.anchors}
+        return {"anchors": list(self.anchors)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.anchors = state["anchors"]
 
 
-class _Merged:
-    """Anchors folded per parameter into ``(W, m)`` plus a constant (see ``penalty``)."""
-
-    def __init__(self, pairs: list, terms: dict[str, tuple[torch.Tensor | None, torch.Tensor]], constant: float):
-        self.pairs, self.terms, self.constant = pairs, terms, constant
-
-    def matches(self, anchors: list) -> bool:
-        """Whether ``anchors`` still holds exactly the pairs this fold was built from."""
-        return len(anchors) == len(self.pairs) and all(a is b for a, b in zip(anchors, self.pairs))
-
-    @classmethod
-    def fold(cls, anchors: list[tuple[Tensors, Tensors | None]]) -> _Merged:
-        if len(anchors) == 1:  # nothing to fold: exactly the single anchor, no rounding
-            anchor, importance = anchors[0]
-            terms = {n: (None if importance is None else importance[n], a) for n, a in anchor.items()}
-            return cls(list(anchors), terms, 0.0)
-        terms, constant = {}, 0.0
-        for name in anchors[-1][0] if anchors else {}:
-            weight, center, c = _fold_one([(a[name], None if w is None else w[name]) for a, w in anchors])
-            terms[name], constant = (weight, center), constant + c
-        return cls(list(anchors), terms, constant)
+def fold(anchors: tuple[Anchor, ...]) -> tuple[dict[str, tuple[torch.Tensor | None, torch.Tensor]], float]:
+    """Per-parameter ``(W, m)`` and the constant c of ``sum_k w_k (x - a_k)^2`` (see ``penalty``)."""
+    if len(anchors) == 1:  # nothing to fold: exactly the single anchor, no rounding
+        anchor, importance = anchors[0]
+        return {n: (None if importance is None else importance[n], a) for n, a in anchor.items()}, 0.0
+    terms, constant = {}, 0.0
+    for name in anchors[-1][0] if anchors else {}:
+        weight, center, c = _fold_one([(a[name], None if w is None else w[name]) for a, w in anchors])
+        terms[name], constant = (weight, center), constant + c
+    return terms, constant
 
 
 def _fold_one(pairs: list[tuple[torch.Tensor, torch.Tensor | None]]) -> tuple[torch.Tensor, torch.Tensor, float]:
