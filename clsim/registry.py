@@ -7,6 +7,7 @@ the factory's keyword arguments, checked against its signature by :mod:`clsim.co
 
 from __future__ import annotations
 
+import importlib
 import importlib.metadata
 import inspect
 from collections.abc import Callable, Iterator
@@ -22,15 +23,18 @@ class Registry:
 
     Args:
         kind: what is registered, used in messages ("strategy", "dataset", ...).
+        builtins: modules whose import registers clsim's own entries; imported on first lookup,
+            so that commands which never look anything up (``clsim report``) skip torch.
         entry_point_group: an ``importlib.metadata`` entry-point group whose entries are loaded
             (lazily, on first lookup) so that installed third-party packages can register.
     """
 
-    def __init__(self, kind: str, *, entry_point_group: str | None = None):
+    def __init__(self, kind: str, *, builtins: tuple[str, ...] = (), entry_point_group: str | None = None):
         self.kind = kind
         self._entries: dict[str, Callable[..., Any]] = {}
+        self._builtins = builtins
         self._entry_point_group = entry_point_group
-        self._entry_points_loaded = entry_point_group is None
+        self._loaded = False
 
     def register(self, name: str | None = None) -> Callable[[F], F]:
         """Decorator: register ``obj`` under ``name`` (default: its lowercased ``__name__``)."""
@@ -82,15 +86,20 @@ class Registry:
         return iter(self.names())
 
     def _load_entry_points(self) -> None:
-        if self._entry_points_loaded:
+        """Import the built-in modules, then the installed entry points (once)."""
+        if self._loaded:
             return
-        self._entry_points_loaded = True
+        self._loaded = True
+        for module in self._builtins:
+            importlib.import_module(module)
+        if self._entry_point_group is None:
+            return
         for ep in importlib.metadata.entry_points(group=self._entry_point_group):
             obj = ep.load()
             self.add(ep.name.lower(), obj)
 
 
-DATASETS = Registry("dataset")
-SCENARIOS = Registry("scenario")
-MODELS = Registry("model")
-STRATEGIES = Registry("strategy", entry_point_group="clsim.strategies")
+DATASETS = Registry("dataset", builtins=("clsim.data",))
+SCENARIOS = Registry("scenario", builtins=("clsim.scenarios",))
+MODELS = Registry("model", builtins=("clsim.models",))
+STRATEGIES = Registry("strategy", builtins=("clsim.strategies",), entry_point_group="clsim.strategies")
