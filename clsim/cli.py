@@ -7,6 +7,7 @@ Exit codes: 0 done; 2 the input is wrong (one line on stderr naming the key or f
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -56,6 +57,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("clsim: interrupted (a run continues with --resume)", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # output piped into a reader that stopped early (`clsim list | head`)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit flush
+        return 0
 
 
 def _load(args: argparse.Namespace):
@@ -82,8 +86,6 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def cmd_list(args: argparse.Namespace) -> int:
     from clsim.registry import DATASETS, MODELS, SCENARIOS, STRATEGIES
-
-    import clsim  # noqa: F401  (registers the built-ins)
 
     registries = dict(zip(KINDS, (DATASETS, SCENARIOS, MODELS, STRATEGIES)))
     for kind, registry in registries.items():

@@ -139,6 +139,15 @@ def test_missing_config_file_and_bad_arguments(tmp_path, capsys):
     assert info.value.code == 2
 
 
+def test_list_into_a_closed_pipe_is_not_an_error():
+    proc = subprocess.Popen([sys.executable, "-m", "clsim.cli", "list"], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.readline()
+    proc.stdout.close()  # like `clsim list | head -1`
+    assert proc.wait(timeout=120) == 0
+    assert b"Traceback" not in proc.stderr.read()
+
+
 def test_validate_and_list(tmp_path, capsys):
     assert main(["validate", str(write_config(tmp_path))]) == 0
     assert "ok (digits, class_incremental, mlp, ewc)" in capsys.readouterr().out
