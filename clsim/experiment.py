@@ -124,7 +124,10 @@ def restore(learner: Learner, out_dir: Path) -> RunState:
     if not path.exists():
         return RunState()
     payload = load_checkpoint(path, learner.engine.device)
-    learner.model.grow(payload["num_classes"])
+    # Grow as the run did, one experience at a time: models with per-task parts (GCAB's task
+    # tokens and heads) must be rebuilt task by task, not in one step to the final size.
+    for index in range(payload["run"].next_experience):
+        learner.model.grow(learner.scenario.seen_classes(index))
     learner.model.load_state_dict(payload["model"])
     learner.strategy.load_state_dict(payload["strategy"])
     learner.engine.progress.log(f"resuming after experience {payload['run'].next_experience - 1}")

@@ -373,6 +373,10 @@ class Recorder(Strategy):
         if self.calls[-1] != "after_backward":
             self.calls.append("after_backward")
 
+    def after_step(self, model):
+        if self.calls[-1] != "after_step":
+            self.calls.append("after_step")
+
     def after_task(self, model, experience, batches):
         self.calls.append(f"after_task {experience.index}")
 
@@ -406,8 +410,9 @@ def test_decorator_registration_in_clsim_strategies_runs_by_name(tmp_path, regis
     assert config.strategy.factory is Recorder and config.strategy.kwargs == {"alpha": 3.0}
     Recorder.calls = []
     clsim.experiment.run(config, tmp_path / "run", quiet=True)
-    assert Recorder.calls == ["setup", "before_task 0", "after_backward", "after_task 0", "predict",
-                              "before_task 1", "after_backward", "after_task 1", "predict"]
+    steps = ["after_backward", "after_step"] * 4  # tiny_config: 2 epochs x 2 batches per experience
+    assert Recorder.calls == ["setup", "before_task 0", *steps, "after_task 0", "predict",
+                              "before_task 1", *steps, "after_task 1", "predict"]
     assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["strategy"] == {
         "name": registered_name, "alpha": 3.0}
 

@@ -116,6 +116,7 @@ class Engine:
             self._sam_gradient(model, strategy, optimizer, x, y)
         strategy.after_backward(model)
         optimizer.step()
+        strategy.after_step(model)
         return float(loss.detach())
 
     def _backward(self, model: nn.Module, strategy: Strategy, optimizer: torch.optim.Optimizer,

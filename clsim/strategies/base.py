@@ -10,7 +10,7 @@ The engine owns the loop (see :mod:`clsim.engine.engine`); per experience it cal
       for each batch (x, y):
         output = forward(model, x)              # training forward
         loss = loss(model, x, y, output)        # a scalar tensor
-        loss.backward(); after_backward(model); optimizer.step()
+        loss.backward(); after_backward(model); optimizer.step(); after_step(model)
         # with train.sam_rho > 0 (SAM), forward and loss run a second time at perturbed
         # weights before after_backward: hooks must not change state inside forward/loss
     after_task(model, experience, batches)        # e.g. Fisher, snapshots
@@ -84,6 +84,10 @@ class Strategy:
 
     def after_backward(self, model: nn.Module) -> None:
         """Called between ``backward()`` and ``optimizer.step()`` (e.g. to mask gradients)."""
+
+    def after_step(self, model: nn.Module) -> None:
+        """Called after ``optimizer.step()`` (e.g. to clamp parameters or undo weight decay on
+        frozen ones: momentum and decay move weights whose gradient was masked to zero)."""
 
     def after_task(self, model: nn.Module, experience: Experience, batches: Batches) -> None:
         """Called after training ``experience``; ``batches()`` iterates its training data."""
