@@ -13,7 +13,7 @@ from pathlib import Path
 
 from clsim.errors import ConfigError
 
-KINDS = ("datasets", "scenarios", "models", "strategies")
+KINDS = ("datasets", "scenarios", "models", "strategies", "partitioners", "server_strategies")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -28,6 +28,9 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(run)
     run.add_argument("--out", type=Path, help="run folder (default: runs/<name>)")
     run.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    run.add_argument("--keep-models", action="store_true",
+                     help="also keep the model after every experience, so the run can be a teacher "
+                          "(teacher: {checkpoint: RUN_DIR})")
     run.add_argument("--quiet", action="store_true", help="no progress bars or log lines")
     validate = sub.add_parser("validate", help="check an experiment file without running it")
     _config_args(validate)
@@ -73,7 +76,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from clsim.experiment import run
 
     config = _load(args)
-    run(config, args.out or Path("runs") / config.name, resume=args.resume, quiet=args.quiet)
+    run(config, args.out or Path("runs") / config.name, resume=args.resume, quiet=args.quiet,
+        keep_models=args.keep_models)
     return 0
 
 
@@ -85,9 +89,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    from clsim.registry import DATASETS, MODELS, SCENARIOS, STRATEGIES
+    from clsim.registry import DATASETS, MODELS, PARTITIONERS, SCENARIOS, SERVER_STRATEGIES, STRATEGIES
 
-    registries = dict(zip(KINDS, (DATASETS, SCENARIOS, MODELS, STRATEGIES)))
+    registries = dict(zip(KINDS, (DATASETS, SCENARIOS, MODELS, STRATEGIES, PARTITIONERS, SERVER_STRATEGIES)))
     for kind, registry in registries.items():
         if args.kind and kind != args.kind:
             continue

@@ -86,10 +86,38 @@ class MetricsConfig:
     """A class with more training images than this is 'head' (many-shot)."""
     few_shot: int = 20
     """A class with fewer training images than this is 'tail' (few-shot)."""
+    class_index_cuts: list[int] | None = None
+    """[h, t]: group by learner label instead of counts: labels < h head, h..t-1 medium, >= t
+    tail (DeiT-LT's cuts: [3, 7] for CIFAR-10-LT, [36, 71] for CIFAR-100-LT; in a long_tailed
+    scenario label order is count order). Null: by counts (many_shot / few_shot)."""
 
     def __post_init__(self) -> None:
         ok = 0 <= self.few_shot <= self.many_shot
         _require("metrics.few_shot", ok, "an int in [0, metrics.many_shot]", self.few_shot)
+        cuts = self.class_index_cuts
+        ok = cuts is None or (len(cuts) == 2 and 0 <= cuts[0] <= cuts[1])
+        _require("metrics.class_index_cuts", ok, "null or [h, t] with 0 <= h <= t", cuts)
+
+
+@dataclass(frozen=True)
+class TeacherConfig:
+    """A teacher for distillation strategies (``uses_teacher``), trained first or loaded.
+
+    Trained: a run of its own on the experiment's data and scenario, with ``model``,
+    ``strategy`` and ``train`` (``train`` keys override the student's), into ``RUN/teacher``;
+    a resumed student reuses it. Loaded: ``checkpoint`` names a teacher run folder (its
+    ``config.yaml`` gives the model) or a weights file of ``model`` (``state_dict``, or a clsim
+    ``last.pt``) whose outputs follow the run's learner labels.
+    """
+
+    model: Section | None
+    strategy: Section
+    train: TrainConfig
+    checkpoint: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"model": self.model.to_dict() if self.model else None, "strategy": self.strategy.to_dict(),
+                "train": dataclasses.asdict(self.train), "checkpoint": self.checkpoint}
 
 
 @dataclass(frozen=True)
@@ -123,9 +151,13 @@ class ExperimentConfig:
     strategy: Section
     train: TrainConfig
     metrics: MetricsConfig
+    teacher: TeacherConfig | None = None
+    federated: Any = None
+    """A :class:`clsim.federated.config.FederatedConfig` when a federation learns the stream."""
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved config as plain YAML-able data; parsing it again gives an equal config."""
+        teacher = {"teacher": self.teacher.to_dict()} if self.teacher else {}
         return {
             "name": self.name,
             "seed": self.seed,
@@ -135,14 +167,14 @@ class ExperimentConfig:
             "strategy": self.strategy.to_dict(),
             "train": dataclasses.asdict(self.train),
             "metrics": dataclasses.asdict(self.metrics),
-        }
+        } | teacher | ({"federated": self.federated.to_dict()} if self.federated is not None else {})
 
 
 SECTIONS: dict[str, Registry] = {
     "data": DATASETS, "scenario": SCENARIOS, "model": MODELS, "strategy": STRATEGIES,
 }
 FIXED: dict[str, type] = {"train": TrainConfig, "metrics": MetricsConfig}
-TOP_LEVEL = ("name", "seed", *SECTIONS, *FIXED)
+TOP_LEVEL = ("name", "seed", *SECTIONS, *FIXED, "teacher", "federated")
 
 
 def load_config(path: str | Path, overrides: list[str] = ()) -> ExperimentConfig:
@@ -201,12 +233,64 @@ def parse_config(raw: dict[str, Any], *, base_dir: Path | None = None) -> Experi
     _require("seed", seed >= 0, "an int >= 0", seed)
     sections = {k: parse_section(k, raw[k], reg, base_dir) for k, reg in SECTIONS.items()}
     fixed = {k: parse_dataclass(k, raw.get(k) or {}, cls) for k, cls in FIXED.items()}
-    config = ExperimentConfig(name=name, seed=seed, **sections, **fixed)
+    teacher = parse_teacher(raw["teacher"], fixed["train"], base_dir) if raw.get("teacher") else None
+    config = ExperimentConfig(name=name, seed=seed, **sections, **fixed, teacher=teacher,
+                              federated=_parse_federated(raw.get("federated"), base_dir))
     _check_consistency(config)
     # Strategies are cheap to construct and check their own arguments' ranges (e.g. a
     # negative lambda), so build one now: the error surfaces at validate time, not mid-run.
-    config.strategy.build()
+    _check_teacher(config, config.strategy.build())
     return config
+
+
+def _parse_federated(raw: Any, base_dir: Path | None) -> Any:
+    if raw is None:
+        return None
+    from clsim.federated.config import parse_federated  # a higher layer, imported only when used
+
+    return parse_federated(raw, base_dir)
+
+
+def parse_teacher(raw: Any, train: TrainConfig, base_dir: Path | None) -> TeacherConfig:
+    """The ``teacher:`` section; its ``train`` keys override the student's ``train``."""
+    if not isinstance(raw, dict):
+        raise ConfigError("teacher", f"expected a mapping, got {_kind(raw)}")
+    _reject_unknown("teacher", raw, ("model", "strategy", "train", "checkpoint"))
+    checkpoint = raw.get("checkpoint")
+    if checkpoint is not None:
+        checkpoint = check_value(checkpoint, str, "teacher.checkpoint")
+        if not Path(checkpoint).expanduser().exists():
+            raise ConfigError("teacher.checkpoint", f"no such file or folder: {Path(checkpoint).expanduser().resolve()}")
+    is_run = checkpoint is not None and Path(checkpoint).expanduser().is_dir()
+    if raw.get("model") is None and not is_run:
+        raise ConfigError("teacher.model", "missing: the teacher's architecture (e.g. {name: resnet_cifar, depth: 32}),"
+                                           " unless teacher.checkpoint names a teacher run folder")
+    if raw.get("model") is not None and is_run:
+        raise ConfigError("teacher.model", "give either a model or a run folder as teacher.checkpoint, not both "
+                                           "(the run folder's config.yaml names its model)")
+    model = parse_section("teacher.model", raw["model"], MODELS, base_dir) if raw.get("model") else None
+    strategy = parse_section("teacher.strategy", raw.get("strategy") or "finetune", STRATEGIES, base_dir)
+    overrides = raw.get("train") or {}
+    if not isinstance(overrides, dict):
+        raise ConfigError("teacher.train", f"expected a mapping, got {_kind(overrides)}")
+    _reject_unknown("teacher.train", overrides, {f.name for f in dataclasses.fields(TrainConfig)})
+    try:
+        teacher_train = parse_dataclass("teacher.train", dataclasses.asdict(train) | overrides, TrainConfig)
+    except ConfigError as exc:  # TrainConfig's own range checks name "train.KEY"
+        raise ConfigError(f"teacher.{exc.path}", exc.message) from None
+    return TeacherConfig(model=model, strategy=strategy, train=teacher_train, checkpoint=checkpoint)
+
+
+def _check_teacher(config: ExperimentConfig, strategy: Any) -> None:
+    """A teacher section exactly when the strategy distils from one."""
+    uses = getattr(strategy, "uses_teacher", False)
+    if uses and config.teacher is None:
+        raise ConfigError("teacher", f"strategy '{config.strategy.name}' distils from a teacher: add a 'teacher:' "
+                                     f"section (model and training, or a checkpoint)")
+    if config.teacher is not None and not uses:
+        raise ConfigError("teacher", f"strategy '{config.strategy.name}' does not use a teacher; remove the section")
+    if config.teacher is not None:
+        config.teacher.strategy.build()
 
 
 def parse_section(
@@ -432,8 +516,13 @@ def smoke(config: ExperimentConfig) -> ExperimentConfig:
     limits = {"max_train_per_class": 16, "max_test_per_class": 8}
     params = config_parameters(config.scenario.factory)
     scenario_kwargs = config.scenario.kwargs | {k: v for k, v in limits.items() if k in params}
+    teacher = config.teacher
+    if teacher is not None:
+        teacher = dataclasses.replace(teacher, train=dataclasses.replace(teacher.train, epochs=1))
     return dataclasses.replace(
         config,
         scenario=dataclasses.replace(config.scenario, kwargs=scenario_kwargs),
         train=dataclasses.replace(config.train, epochs=1),
+        teacher=teacher,
+        federated=config.federated.smoke() if config.federated is not None else None,
     )

@@ -18,13 +18,14 @@ import yaml
 from clsim import metrics as M
 from clsim.config import ExperimentConfig, parse_config
 from clsim.engine.checkpoint import RunState, load_checkpoint, save_checkpoint
-from clsim.engine.engine import Engine, derive_seed
+from clsim.engine.engine import Engine, EvalResult, derive_seed
 from clsim.engine.progress import Progress
 from clsim.errors import ConfigError
 from clsim.atomic import atomic_write_text
 from clsim.report.run_folder import write_results
 from clsim.scenarios.base import Scenario
-from clsim.strategies.base import Strategy
+from clsim.strategies.base import Finetune, Strategy
+from clsim.teacher import Teacher, load_teacher, save_snapshot, train_teacher
 
 CHECKPOINT = Path("checkpoints") / "last.pt"
 
@@ -37,14 +38,26 @@ class Learner:
     model: torch.nn.Module
     strategy: Strategy
     engine: Engine
+    teacher: Teacher | None = None  # for strategies that distil from one (``uses_teacher``)
 
 
-def run(config: ExperimentConfig, out_dir: Path, *, resume: bool = False, quiet: bool = False) -> dict[str, Any]:
-    """Run ``config`` into ``out_dir`` and return its metrics (see DESIGN.md, "Run folder")."""
+def run(config: ExperimentConfig, out_dir: Path, *, resume: bool = False, quiet: bool = False,
+        keep_models: bool = False) -> dict[str, Any]:
+    """Run ``config`` into ``out_dir`` and return its metrics (see DESIGN.md, "Run folder").
+
+    ``keep_models`` also saves the model after every experience
+    (``checkpoints/experience_N.pt``), so the run can serve as a teacher (:mod:`clsim.teacher`).
+    """
+    if config.federated is not None:  # a federation learns the stream (clsim.federated, on Flower)
+        from clsim import federated
+
+        return federated.run(config, out_dir, resume=resume, quiet=quiet)
     out_dir = Path(out_dir)
     check_run_dir(config, out_dir, resume=resume)
+    teacher_dir = train_teacher(config, out_dir, quiet=quiet, run=run)  # first, into out_dir/teacher
     with Progress(quiet=quiet) as progress:
         learner = build_learner(config, progress)
+        learner.teacher = load_teacher(config, teacher_dir, learner.scenario, learner.engine.device)
         write_config(config, out_dir)
         state = restore(learner, out_dir) if resume else RunState()
         started = time.perf_counter()
@@ -52,6 +65,8 @@ def run(config: ExperimentConfig, out_dir: Path, *, resume: bool = False, quiet:
             train_and_evaluate(learner, exp.index, state)
             state.elapsed_s += time.perf_counter() - started
             started = time.perf_counter()
+            if keep_models:  # before last.pt: a run resumed past experience N has its snapshot
+                save_snapshot(out_dir, exp.index, learner.model)
             save_checkpoint(out_dir / CHECKPOINT, state=state, model=learner.model,
                             strategy_state=learner.strategy.state_dict())
         results = finish(config, learner, state, out_dir)
@@ -142,6 +157,8 @@ def train_and_evaluate(learner: Learner, index: int, state: RunState) -> None:
     # are the same whether the run got here straight or through --resume.
     torch.manual_seed(derive_seed(engine.seed, index))
     model.grow(scenario.seen_classes(index))
+    if learner.teacher is not None:
+        strategy.set_teacher(learner.teacher.for_experience(index))
     strategy.before_task(model, exp)
     data = strategy.train_dataset(exp, scenario.experiences[:index])
     loss = engine.fit(model, strategy, data, experience=index, label=f"train {index + 1}/{T}")
@@ -156,21 +173,61 @@ def train_and_evaluate(learner: Learner, index: int, state: RunState) -> None:
     state.rows.append([r.accuracy for r in results] + [None] * (T - index - 1))
     state.final_correct = sum(r.correct for r in results).tolist()
     state.final_total = sum(r.total for r in results).tolist()
+    record_variants(state, results, T)
     state.losses.append(loss)
     state.next_experience = index + 1
     engine.progress.log(f"experience {index + 1}/{T}: loss {loss:.4f}, "
                         f"accuracy on seen {np.mean([r.accuracy for r in results]):.4f}")
 
 
+def record_variants(state: RunState, results: list[EvalResult], T: int) -> None:
+    """Add this row's accuracies of the strategy's prediction variants to the run state."""
+    for name in results[0].variants:
+        accuracy = [float(r.variants[name].sum() / max(r.total.sum(), 1)) for r in results]
+        state.variant_rows.setdefault(name, []).append(accuracy + [None] * (T - len(results)))
+        state.variant_correct[name] = sum(r.variants[name] for r in results).tolist()
+
+
+def summarize(config: ExperimentConfig, scenario: Scenario, rows: list, correct: list[int],
+              total: list[int]) -> dict[str, Any]:
+    """:func:`clsim.metrics.summarize` with the run's head/medium/tail settings."""
+    per_class = {}
+    if scenario.long_tailed:
+        per_class = {"per_class_correct": correct, "per_class_total": total,
+                     "train_counts": scenario.train_counts.tolist()}
+    m = config.metrics
+    return M.summarize(rows, many_shot=m.many_shot, few_shot=m.few_shot,
+                       class_index_cuts=m.class_index_cuts, **per_class)
+
+
+def evaluate_teacher(config: ExperimentConfig, learner: Learner) -> dict[str, Any]:
+    """The final teacher's accuracy on every test set, with head/medium/tail: the distillation's
+    upper reference (DeiT-LT reports its teacher next to the student)."""
+    scenario, engine = learner.scenario, learner.engine
+    teacher = learner.teacher.for_experience(len(scenario) - 1)
+    results = [engine.evaluate(teacher, Finetune(), e.test, num_classes=scenario.num_classes, label="eval teacher")
+               for e in scenario.experiences]
+    row = [r.accuracy for r in results]
+    summary = {"average_accuracy": float(np.mean(row)), "head_accuracy": None,
+               "medium_accuracy": None, "tail_accuracy": None}
+    if scenario.long_tailed:
+        m = config.metrics
+        split = M.class_groups(scenario.train_counts.tolist(), m.many_shot, m.few_shot, m.class_index_cuts)
+        groups = M.group_accuracy(sum(r.correct for r in results), sum(r.total for r in results), split)
+        summary |= {f"{g}_accuracy": v for g, v in groups.items()}
+    return summary | {"accuracy_per_experience": row}
+
+
 def finish(config: ExperimentConfig, learner: Learner, state: RunState, out_dir: Path) -> dict[str, Any]:
     """Summarise the accuracy matrix and write the run folder."""
     scenario = learner.scenario
-    per_class = {}
-    if scenario.long_tailed:
-        per_class = {"per_class_correct": state.final_correct, "per_class_total": state.final_total,
-                     "train_counts": scenario.train_counts.tolist()}
-    results = M.summarize(state.rows, many_shot=config.metrics.many_shot,
-                          few_shot=config.metrics.few_shot, **per_class)
+    results = summarize(config, scenario, state.rows, state.final_correct, state.final_total)
+    if state.variant_rows:  # e.g. DeiT's CLS-only and DIST-only heads, scored like the main prediction
+        results["variants"] = {name: summarize(config, scenario, rows, state.variant_correct[name],
+                                               state.final_total)
+                               for name, rows in state.variant_rows.items()}
+    if learner.teacher is not None:
+        results["teacher"] = evaluate_teacher(config, learner)
     results |= {
         "wall_time_s": round(state.elapsed_s, 3),
         "train_loss": state.losses,

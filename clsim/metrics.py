@@ -129,6 +129,24 @@ def shot_groups(train_counts: Sequence[int], many_shot: int = 100,
             for n in train_counts]
 
 
+def index_groups(num_classes: int, cuts: Sequence[int]) -> list[str]:
+    """Per class: 'head' below ``cuts[0]``, 'tail' from ``cuts[1]`` on, else 'medium'.
+
+    DeiT-LT's class-index split (Rangwani et al. 2024, code: ``args.categories``), e.g. [3, 7]
+    on CIFAR-10-LT, where classes are sorted by training count.
+    """
+    head, tail = cuts
+    return ["head" if c < head else "tail" if c >= tail else "medium" for c in range(num_classes)]
+
+
+def class_groups(train_counts: Sequence[int], many_shot: int = 100, few_shot: int = 20,
+                 class_index_cuts: Sequence[int] | None = None) -> list[str]:
+    """Per class: :func:`index_groups` with ``class_index_cuts``, else :func:`shot_groups`."""
+    if class_index_cuts is not None:
+        return index_groups(len(train_counts), class_index_cuts)
+    return shot_groups(train_counts, many_shot, few_shot)
+
+
 def group_accuracy(correct: Sequence[int], total: Sequence[int],
                    groups: Sequence[str]) -> dict[str, float | None]:
     """Accuracy over the test images of each group's classes: sum correct / sum total.
@@ -153,17 +171,20 @@ def summarize(R: Matrix, *, baseline: Sequence[Optional[float]] | None = None,
               per_class_correct: Sequence[int] | None = None,
               per_class_total: Sequence[int] | None = None,
               train_counts: Sequence[int] | None = None,
-              many_shot: int = 100, few_shot: int = 20) -> dict[str, Any]:
+              many_shot: int = 100, few_shot: int = 20,
+              class_index_cuts: Sequence[int] | None = None) -> dict[str, Any]:
     """All summary metrics of one run, keyed exactly as in ``metrics.json`` (:data:`SUMMARY_KEYS`).
 
     The per-class arrays describe the FINAL model over all classes of all experiences (indexed
-    by class id); head/medium/tail accuracies are ``None`` unless all three are given.
+    by class id); head/medium/tail accuracies are ``None`` unless all three are given. Groups
+    are by training count (:func:`shot_groups`) or, with ``class_index_cuts``, by class index
+    (:func:`index_groups`).
     """
     T = _size(R)
     groups = {g: None for g in GROUPS}
     if per_class_correct is not None and per_class_total is not None and train_counts is not None:
-        groups = group_accuracy(per_class_correct, per_class_total,
-                                shot_groups(train_counts, many_shot, few_shot))
+        split = class_groups(train_counts, many_shot, few_shot, class_index_cuts)
+        groups = group_accuracy(per_class_correct, per_class_total, split)
     return {
         # A fresh list of plain floats: never hand the caller's rows back (they may mutate).
         "accuracy_matrix": [[None if v is None else float(v) for v in R[i]] for i in range(T)],

@@ -103,3 +103,6 @@ DATASETS = Registry("dataset", builtins=("clsim.data",))
 SCENARIOS = Registry("scenario", builtins=("clsim.scenarios",))
 MODELS = Registry("model", builtins=("clsim.models",))
 STRATEGIES = Registry("strategy", builtins=("clsim.strategies",), entry_point_group="clsim.strategies")
+# Federated (clsim.federated): how an experience is split across clients, and what the server does.
+PARTITIONERS = Registry("partitioner", builtins=("clsim.federated.partition",))
+SERVER_STRATEGIES = Registry("server strategy", builtins=("clsim.federated.server_strategies",))

@@ -78,9 +78,30 @@ def _make_learner(
     from clsim.experiment import Learner
 
     engine = Engine(TrainConfig(epochs=1, batch_size=8, lr=lr, eval_batch_size=64), seed=seed)
-    model = _tiny_mlp(scenario.input_shape, seed=seed if model_seed is None else model_seed)
+    model_seed = seed if model_seed is None else model_seed
+    required = getattr(strategy, "required_model", None)  # e.g. gcab_vit, deit
+    if required is None:
+        model = _tiny_mlp(scenario.input_shape, seed=model_seed)
+    else:
+        torch.manual_seed(model_seed)
+        model = MODELS.get(required)(scenario.input_shape, embed_dim=16, depth=1, num_heads=2)
     strategy.setup(model)
-    return Learner(scenario, model, strategy, engine)
+    teacher = _TinyTeacher(scenario) if getattr(strategy, "uses_teacher", False) else None
+    return Learner(scenario, model, strategy, engine, teacher=teacher)
+
+
+class _TinyTeacher:
+    """A stand-in for :class:`clsim.teacher.Teacher`: a fixed tiny MLP per experience."""
+
+    def __init__(self, scenario: Scenario):
+        self.scenario = scenario
+
+    def for_experience(self, index: int) -> torch.nn.Module:
+        from clsim.teacher import freeze
+
+        model = _tiny_mlp(self.scenario.input_shape, seed=1234)
+        model.grow(self.scenario.seen_classes(index))
+        return freeze(model)
 
 
 @pytest.fixture

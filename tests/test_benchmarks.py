@@ -55,3 +55,13 @@ def test_vs_avalanche_prints_times_and_accuracies():
     assert result["settings"]["clsim_lambda"] == 2 * result["settings"]["avalanche_ewc_lambda"]
     # on clsim's own batch order, Avalanche's EWC lands on the same accuracies
     assert abs(result["shared_order"]["accuracy_diff_points"]) <= 2.0
+
+
+@pytest.mark.slow
+def test_deit_lt_benchmark_quick_prints_every_row(tmp_path):
+    result = run_benchmark("deit_lt.py", "--quick", "--out", str(tmp_path / "runs"),
+                           "--report", str(tmp_path / "deit_lt.md"))
+    assert result["benchmark"] == "deit_lt" and result["seeds"] == [0]
+    assert set(result["rows"]) == {"vit_ce", "vit_drw", "teacher", "deit_lt_id", "deit_lt"}
+    assert "dist_tail_accuracy" in result["rows"]["deit_lt"]
+    assert "| deit_lt |" in (tmp_path / "deit_lt.md").read_text()

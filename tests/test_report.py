@@ -54,7 +54,7 @@ def make_run(run_dir: Path, *, R=R3, strategy: str = "ewc", **extra) -> Path:
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
-    return make_run(tmp_path_factory.mktemp("runs") / "ewc_run", rounds=3)
+    return make_run(tmp_path_factory.mktemp("runs") / "ewc_run", custom_metric=3)
 
 
 # ---------------------------------------------------------------- write_results
@@ -68,7 +68,7 @@ def test_write_results_creates_every_file(run_dir):
 
 
 def test_metrics_json_round_trips(run_dir):
-    assert json.loads((run_dir / "metrics.json").read_text()) == fake_metrics(rounds=3)
+    assert json.loads((run_dir / "metrics.json").read_text()) == fake_metrics(custom_metric=3)
 
 
 def test_report_md_content(run_dir):
@@ -78,7 +78,7 @@ def test_report_md_content(run_dir):
     assert "| average accuracy (%) | 53.33 |" in text  # (0.5 + 0.4 + 0.7) / 3
     assert "| forward transfer (FWT) (%) | - |" in text
     assert "| wall time (s) | 12.3 |" in text
-    assert "| rounds | 3 |" in text  # extra keys are reported too
+    assert "| custom_metric | 3 |" in text  # extra keys are reported too
     assert "| exp 0 | 60.00 | - | - |" in text
     assert "![accuracy over the stream](curves.png)" in text
     assert "![accuracy matrix](accuracy_matrix.png)" in text

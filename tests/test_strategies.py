@@ -144,6 +144,7 @@ def test_state_dict_round_trip_gives_identical_predictions_and_loss(name, tiny_s
     fresh.setup(model)
     fresh.load_state_dict(through_checkpoint(state))
     fresh.before_task(model, last)  # what the next experience would do; sets no trained state
+    give_teacher(learner, last, strategy, fresh)
     with torch.no_grad():
         assert torch.equal(fresh.predict(model, x), strategy.predict(model, x))
         loss = training_loss(strategy, model, x, y)
@@ -154,8 +155,16 @@ def test_state_dict_round_trip_gives_identical_predictions_and_loss(name, tiny_s
             blank = STRATEGIES.get(name)()
             blank.setup(model)
             blank.before_task(model, last)
+            give_teacher(learner, last, blank)
             assert not (torch.equal(training_loss(blank, model, x, y), loss)
                         and torch.equal(blank.predict(model, x), strategy.predict(model, x)))
+
+
+def give_teacher(learner, experience, *strategies) -> None:
+    """A run hands a teacher-using strategy its teacher before each experience; so does a test."""
+    if learner.teacher is not None:
+        for strategy in strategies:
+            strategy.set_teacher(learner.teacher.for_experience(experience.index))
 
 
 def holds_something(value) -> bool:

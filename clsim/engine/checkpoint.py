@@ -21,6 +21,8 @@ class RunState:
         final_correct / final_total: per-class test counts of the latest evaluation.
         elapsed_s: wall time spent before this process (accumulates over resumes).
         losses: last-epoch mean training loss of each experience.
+        variant_rows / variant_correct: the same rows and final per-class correct counts for each
+            of the strategy's prediction variants (:meth:`Strategy.predict_with_variants`).
     """
 
     next_experience: int = 0
@@ -29,6 +31,8 @@ class RunState:
     final_total: list[int] = field(default_factory=list)
     elapsed_s: float = 0.0
     losses: list[float] = field(default_factory=list)
+    variant_rows: dict[str, list[list[float | None]]] = field(default_factory=dict)
+    variant_correct: dict[str, list[int]] = field(default_factory=dict)
 
 
 def save_checkpoint(path: Path, *, state: RunState, model: torch.nn.Module, strategy_state: dict[str, Any]) -> None:

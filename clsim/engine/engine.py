@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -40,10 +40,15 @@ def resolve_device(name: str) -> torch.device:
 
 @dataclass(frozen=True)
 class EvalResult:
-    """Per-class correct / total counts on one test set (index = learner label)."""
+    """Per-class correct / total counts on one test set (index = learner label).
+
+    ``variants`` holds per-class correct counts of the strategy's alternative predictions
+    (:meth:`Strategy.predict_with_variants`), by name; ``total`` is shared.
+    """
 
     correct: np.ndarray
     total: np.ndarray
+    variants: dict[str, np.ndarray] = field(default_factory=dict)
 
     @property
     def accuracy(self) -> float:
@@ -111,6 +116,7 @@ class Engine:
         With ``train.sam_rho > 0`` the step uses SAM's gradient (see :meth:`_sam_gradient`);
         the loss returned is still the one at the current weights.
         """
+        x, y = strategy.prepare_batch(x, y)
         loss = self._backward(model, strategy, optimizer, x, y)
         if self.train.sam_rho > 0:
             self._sam_gradient(model, strategy, optimizer, x, y)
@@ -150,18 +156,22 @@ class Engine:
                  num_classes: int, label: str = "eval") -> EvalResult:
         """Per-class accuracy of ``strategy.predict`` among all classes the head has."""
         model.eval()
-        correct = torch.zeros(num_classes, dtype=torch.long)
         total = torch.zeros(num_classes, dtype=torch.long)
+        correct: dict[str, torch.Tensor] = {}  # "" is predict's; the rest are variants
         bar = self.progress.bar(label, math.ceil(len(dataset) / self.train.eval_batch_size), transient=True)
         for x, y in self.batches(dataset, batch_size=self.train.eval_batch_size):
             with self._autocast():
-                pred = strategy.predict(model, x).argmax(dim=1)
-            y, hit = y.cpu(), (pred == y).cpu().long()
-            total += torch.bincount(y, minlength=num_classes)
-            correct += torch.bincount(y, weights=hit, minlength=num_classes).long()
+                logits, variants = strategy.predict_with_variants(model, x)
+            total += torch.bincount(y.cpu(), minlength=num_classes)
+            for name, out in {"": logits, **variants}.items():
+                hit = (out.argmax(dim=1) == y).cpu().long()
+                counts = torch.bincount(y.cpu(), weights=hit, minlength=num_classes).long()
+                correct[name] = correct.get(name, 0) + counts
             bar.advance()
         bar.close()
-        return EvalResult(correct.numpy(), total.numpy())
+        correct = {k: v.numpy() for k, v in correct.items()}
+        main = correct.pop("", np.zeros(num_classes, dtype=np.int64))
+        return EvalResult(main, total.numpy(), correct)
 
     def _optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
         cfg = self.train

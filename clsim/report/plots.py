@@ -57,11 +57,16 @@ def _stream_axes(ax: plt.Axes, T: int, title: str) -> None:
     ax.grid(alpha=0.3)
 
 
-def curves_png(R: Matrix, *, title: str = "Accuracy over the stream") -> bytes:
+def curves_png(R: Matrix, *, title: str = "Accuracy over the stream", rounds: Sequence[dict] | None = None) -> bytes:
     """One line per experience ``j`` (its test accuracy after each experience ``i >= j``) and a
-    thick black line for the average accuracy over the experiences seen so far."""
+    thick black line for the average accuracy over the experiences seen so far. ``rounds``
+    (a federated run's per-round records) adds a panel: global accuracy after every round."""
     T = len(R)
-    fig, ax = plt.subplots(figsize=(8, 4.5))
+    if rounds and isinstance(rounds, list):  # a federated run's per-round records
+        fig, (ax, ax_rounds) = plt.subplots(1, 2, figsize=(14, 4.5), gridspec_kw={"wspace": 0.45})
+        rounds_axes(ax_rounds, rounds)
+    else:
+        fig, ax = plt.subplots(figsize=(8, 4.5))
     for j, color in zip(range(T), _colors(T)):
         xs = [i for i in range(j, T) if R[i][j] is not None]
         ax.plot(xs, [R[i][j] for i in xs], marker="o", ms=3, lw=1.2, color=color,
@@ -73,6 +78,21 @@ def curves_png(R: Matrix, *, title: str = "Accuracy over the stream") -> bytes:
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False,
               ncol=1 if T <= 16 else 2)
     return _png(fig)
+
+
+def rounds_axes(ax: plt.Axes, rounds: Sequence[dict]) -> None:
+    """Global accuracy on the seen experiences after each federated round; experience boundaries dashed."""
+    xs = [r["round"] for r in rounds if r.get("accuracy") is not None]
+    ax.plot(xs, [r["accuracy"] for r in rounds if r.get("accuracy") is not None],
+            marker="o", ms=3, lw=1.5, color="black")
+    for prev, cur in zip(rounds, rounds[1:]):
+        if cur["experience"] != prev["experience"]:
+            ax.axvline(prev["round"] + 0.5, color="gray", ls="--", lw=0.8)
+    ax.set_ylim(0.0, 1.02)
+    ax.set_xlabel("federated round (dashed: next experience)")
+    ax.set_ylabel("global accuracy on seen experiences")
+    ax.set_title("Accuracy per round")
+    ax.grid(alpha=0.3)
 
 
 def matrix_png(R: Matrix, *, title: str = "Accuracy matrix (%)") -> bytes:

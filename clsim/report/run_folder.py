@@ -74,7 +74,8 @@ def write_results(run_dir: str | Path, *, config: dict, metrics: dict,
     run_dir.mkdir(parents=True, exist_ok=True)
     R = metrics["accuracy_matrix"]
     atomic_write_text(run_dir / "accuracy_matrix.csv", matrix_csv(R))
-    atomic_write_bytes(run_dir / "curves.png", plots.curves_png(R, title=f"{title}: accuracy"))
+    atomic_write_bytes(run_dir / "curves.png", plots.curves_png(R, title=f"{title}: accuracy",
+                                                               rounds=metrics.get("rounds")))
     atomic_write_bytes(run_dir / "accuracy_matrix.png",
                        plots.matrix_png(R, title=f"{title}: accuracy matrix (%)"))
     atomic_write_text(run_dir / "report.md", report_markdown(
@@ -173,6 +174,10 @@ def report_markdown(*, config: dict, metrics: dict, experiences: list[dict],
              "![accuracy over the stream](curves.png)",
              "![accuracy matrix](accuracy_matrix.png)",
              "## Experiences", _experience_list(experiences)]
+    if metrics.get("rounds"):  # a federated run (clsim.federated)
+        from clsim.report.federation import federation_markdown
+
+        parts[4:4] = ["## Federation", federation_markdown(metrics)]
     return "\n\n".join(parts) + "\n"
 
 

@@ -1,6 +1,7 @@
 """Built-in continual-learning strategies, each one file, each registered by name."""
 
-from clsim.strategies import drw, ewc, feature_distill, joint, l2, logit_adjust, lwf  # noqa: F401  (registration)
+from clsim.strategies import deit_lt, drw, ewc, feature_distill, joint, l2, logit_adjust, lwf  # noqa: F401  (registration)
+from clsim.strategies import gcab  # noqa: F401  (registration)
 from clsim.strategies.base import Finetune, Strategy
 
 __all__ = ["Finetune", "Strategy"]

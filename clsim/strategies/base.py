@@ -8,13 +8,18 @@ The engine owns the loop (see :mod:`clsim.engine.engine`); per experience it cal
     for each epoch:
       before_epoch(model, epoch, epochs, steps)   # e.g. deferred re-weighting, annealing
       for each batch (x, y):
+        x, y = prepare_batch(x, y)              # e.g. Mixup/CutMix; y may become soft (B, C)
         output = forward(model, x)              # training forward
         loss = loss(model, x, y, output)        # a scalar tensor
         loss.backward(); after_backward(model); optimizer.step(); after_step(model)
         # with train.sam_rho > 0 (SAM), forward and loss run a second time at perturbed
         # weights before after_backward: hooks must not change state inside forward/loss
     after_task(model, experience, batches)        # e.g. Fisher, snapshots
-    logits = predict(model, x)                    # evaluation, over all classes seen so far
+    logits, variants = predict_with_variants(model, x)  # evaluation, over all classes seen so far
+
+A strategy that distils from a teacher (``uses_teacher``) gets, before each experience's
+``before_task``, the teacher for that experience through ``set_teacher`` (the run trains it
+first from the config's ``teacher:`` section, or loads it).
 
 A strategy never reaches into the engine; whatever extra parts it needs (a teacher, masks,
 a frozen copy of the model) it owns, and checkpoints through ``state_dict``.
@@ -51,6 +56,7 @@ class Strategy:
 
     mask_past: bool = False
     first_new_class: int = 0
+    uses_teacher: bool = False  # True: the run must give a teacher (``teacher:`` section)
 
     def setup(self, model: nn.Module) -> None:
         """Called once per run (also before a resume loads state) with the model to train."""
@@ -63,8 +69,18 @@ class Strategy:
         """The data to train on for ``experience`` (``past`` are the earlier experiences)."""
         return experience.train
 
+    def set_teacher(self, teacher: nn.Module) -> None:
+        """The teacher for the coming experience (frozen, eval mode); only if :attr:`uses_teacher`."""
+        raise NotImplementedError(f"{type(self).__name__} does not use a teacher")
+
     def before_epoch(self, model: nn.Module, epoch: int, epochs: int, steps: int) -> None:
         """Called before each training epoch (``epoch`` from 0 of ``epochs``, ``steps`` batches)."""
+
+    def prepare_batch(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The training batch as ``forward`` and ``loss`` see it, once per step (SAM's second
+        pass reuses it): e.g. Mixup/CutMix, which may turn ``y`` into soft targets ``(B, C)``.
+        Default: unchanged."""
+        return x, y
 
     def forward(self, model: nn.Module, x: torch.Tensor) -> Any:
         """Training forward pass; whatever it returns is handed to :meth:`loss`."""
@@ -95,6 +111,11 @@ class Strategy:
     def predict(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """Evaluation logits ``(B, classes seen so far)``; no task id is given."""
         return model(x)
+
+    def predict_with_variants(self, model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """:meth:`predict`'s logits and named alternative logits that the run also scores
+        (e.g. DeiT's CLS-only and DIST-only heads next to their mean). Default: none."""
+        return self.predict(model, x), {}
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue from a checkpoint (tensors are fine)."""

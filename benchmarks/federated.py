@@ -1,0 +1,281 @@
+"""Federated scale and speed: clsim on Flower against plain Flower, client counts, round times.
+
+Prints one JSON object on stdout (progress on stderr). Three parts (issue 5, point 7):
+
+- ``overhead``: the same FedAvg workload (digits, one experience, the same MLP, IID partitions,
+  the same rounds, clients and local epochs, global evaluation after every round) written
+  directly against Flower's API (a ClientApp with a bare PyTorch loop, FedAvg's ``start``)
+  and run through ``clsim run``; both on ``run_simulation``. Compared: seconds per round
+  measured inside the ServerApp (Ray start-up excluded; reported apart).
+- ``scale``: for each client count N, a 3-round federation with 10 clients sampled per round,
+  every client holding EWC state; wall time, peak resident memory of the whole process tree
+  (server, Ray workers) and that peak divided by N, and the client-state bytes on disk.
+- ``round_time``: seconds per round against clients per round (20 clients).
+
+    python benchmarks/federated.py > federated.json                 # ~10 min on 2 CPU cores
+    python benchmarks/federated.py --parts overhead --rounds 3      # one part
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import psutil
+import torch
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+BASE = {
+    "name": "bench_fed", "seed": 0,
+    "data": {"name": "digits", "shift": 0},
+    "scenario": {"name": "class_incremental", "n_tasks": 1},
+    "model": {"name": "mlp", "hidden": [64]},
+    "strategy": {"name": "finetune"},
+    "train": {"epochs": 1, "batch_size": 32, "lr": 0.001},
+    "federated": {"num_clients": 4, "rounds_per_experience": 5, "partition": {"name": "iid"}},
+}
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+class PeakMemory:
+    """Peak RSS (bytes) of this process and all its descendants, sampled every 0.2 s."""
+
+    def __init__(self) -> None:
+        self.peak, self._stop = 0, threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        me = psutil.Process()
+        while not self._stop.is_set():
+            total = 0
+            for proc in [me, *me.children(recursive=True)]:
+                try:
+                    total += proc.memory_info().rss
+                except psutil.Error:
+                    pass
+            self.peak = max(self.peak, total)
+            time.sleep(0.2)
+
+    def __enter__(self) -> PeakMemory:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def run_clsim(raw: dict, out: Path) -> tuple[dict, float]:
+    from clsim.config import parse_config
+    from clsim.experiment import run
+
+    started = time.perf_counter()
+    metrics = run(parse_config(copy.deepcopy(raw), base_dir=ROOT / "scenarios"), out, quiet=True)
+    return metrics, time.perf_counter() - started
+
+
+# ---------------------------------------------------------------- plain Flower
+
+def plain_flower(raw: dict) -> dict[str, float]:
+    """The same FedAvg workload written directly against Flower's Message API."""
+    from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+    from flwr.clientapp import ClientApp
+    from flwr.serverapp import Grid, ServerApp
+    from flwr.serverapp.strategy import FedAvg
+    from flwr.simulation import run_simulation
+    from flwr_datasets.partitioner import IidPartitioner
+
+    fed, train = raw["federated"], raw["train"]
+    n, rounds = fed["num_clients"], fed["rounds_per_experience"]
+
+    cache: dict[str, Any] = {}  # data loaded once per process, as a Flower app would
+
+    def data():
+        if "data" in cache:
+            return cache["data"]
+        from clsim.config import parse_config
+
+        config = parse_config(copy.deepcopy(raw))
+        scenario = config.scenario.build(config.data.build(), config.seed)
+        exp = scenario.experiences[0]
+        x, y = exp.train.get_batch(torch.arange(len(exp.train)))
+        xt, yt = exp.test.get_batch(torch.arange(len(exp.test)))
+        cache["data"] = config, scenario, x, y, xt, yt
+        return cache["data"]
+
+    def model(config, scenario):
+        torch.manual_seed(0)
+        net = config.model.build(scenario.input_shape)
+        net.grow(scenario.num_classes)
+        return net
+
+    client = ClientApp()
+
+    @client.query()
+    def warm_up(msg: Message, context: Context) -> Message:  # clsim's clients answer one query too
+        data()
+        return Message(RecordDict({}), reply_to=msg)
+
+    @client.train()
+    def fit(msg: Message, context: Context) -> Message:
+        import datasets
+
+        torch.set_num_threads(1)
+        config, scenario, x, y, _, _ = data()
+        k = int(context.node_config["partition-id"])
+        part = IidPartitioner(num_partitions=n)
+        order = np.random.default_rng(k).permutation(len(y))
+        part.dataset = datasets.Dataset.from_dict({"label": y[order].tolist(), "idx": order.tolist()})
+        idx = torch.as_tensor(np.sort(np.asarray(part.load_partition(k)["idx"])))
+        net = model(config, scenario)
+        net.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+        opt = torch.optim.Adam(net.parameters(), lr=train["lr"])
+        net.train()
+        for _ in range(fed.get("local_epochs") or train["epochs"]):
+            perm = idx[torch.randperm(len(idx))]
+            for start in range(0, len(perm), train["batch_size"]):
+                b = perm[start : start + train["batch_size"]]
+                loss = torch.nn.functional.cross_entropy(net(x[b]), y[b])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+        reply = RecordDict({"arrays": ArrayRecord(net.state_dict()),
+                            "metrics": MetricRecord({"num-examples": len(idx)})})
+        return Message(reply, reply_to=msg)
+
+    server = ServerApp()
+    timing: dict[str, float] = {}
+
+    @server.main()
+    def main(grid: Grid, context: Context) -> None:
+        config, scenario, _, _, xt, yt = data()
+        net = model(config, scenario)
+
+        def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+            timing[f"round_{server_round}"] = time.perf_counter()
+            net.load_state_dict(arrays.to_torch_state_dict())
+            net.eval()
+            with torch.no_grad():
+                acc = float((net(xt).argmax(1) == yt).float().mean())
+            return MetricRecord({"accuracy": acc})
+
+        while len(nodes := list(grid.get_node_ids())) < n:
+            time.sleep(0.1)
+        list(grid.send_and_receive([Message(RecordDict({}), dst_node_id=k, message_type="query") for k in nodes]))
+        started = time.perf_counter()
+        result = FedAvg(fraction_evaluate=0.0).start(
+            grid=grid, initial_arrays=ArrayRecord(net.state_dict()), train_config=ConfigRecord({}),
+            num_rounds=rounds, evaluate_fn=evaluate)
+        timing["rounds_s"] = time.perf_counter() - started
+        timing["final_accuracy"] = float(result.evaluate_metrics_serverapp[rounds]["accuracy"])
+
+    started = time.perf_counter()
+    run_simulation(server_app=server, client_app=client, num_supernodes=n,
+                   backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+                                   "init_args": {"logging_level": "ERROR", "log_to_driver": False}})
+    timing["total_s"] = time.perf_counter() - started
+    return timing
+
+
+def overhead(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
+    raw = copy.deepcopy(BASE)
+    raw["federated"] |= {"num_clients": args.clients, "rounds_per_experience": args.rounds}
+    results: dict[str, list] = {"plain_flower_s_per_round": [], "clsim_s_per_round": [],
+                                "plain_flower_mean_s_per_round": [], "clsim_mean_s_per_round": [],
+                                "plain_flower_total_s": [], "clsim_total_s": []}
+    for repeat in range(args.repeats):
+        log(f"overhead {repeat + 1}/{args.repeats}: plain Flower")
+        plain = plain_flower(raw)
+        log(f"overhead {repeat + 1}/{args.repeats}: clsim")
+        metrics, total = run_clsim(raw, tmp / f"overhead_{repeat}")
+        clsim_rounds = sum(r["wall_time_s"] for r in metrics["rounds"])
+        ends = [plain[f"round_{r}"] for r in range(args.rounds + 1)]  # round 0: the initial evaluation
+        results["plain_flower_s_per_round"].append(float(np.median(np.diff(ends))))
+        results["clsim_s_per_round"].append(float(np.median([r["wall_time_s"] for r in metrics["rounds"]])))
+        results["plain_flower_mean_s_per_round"].append(plain["rounds_s"] / args.rounds)
+        results["clsim_mean_s_per_round"].append(clsim_rounds / args.rounds)
+        results["plain_flower_total_s"].append(plain["total_s"])
+        results["clsim_total_s"].append(total)
+        results.setdefault("plain_flower_accuracy", plain["final_accuracy"])
+        results.setdefault("clsim_accuracy", metrics["average_accuracy"])
+    med = {k: float(np.median(v)) for k, v in results.items() if isinstance(v, list)}
+    return {"clients": args.clients, "rounds": args.rounds, **med,
+            "overhead_per_round": med["clsim_s_per_round"] / med["plain_flower_s_per_round"] - 1,
+            "plain_flower_accuracy": results["plain_flower_accuracy"],
+            "clsim_accuracy": results["clsim_accuracy"], "repeats": args.repeats}
+
+
+def scale(args: argparse.Namespace, tmp: Path) -> list[dict[str, Any]]:
+    rows = []
+    for n in args.scale_clients:
+        raw = copy.deepcopy(BASE)
+        raw["strategy"] = {"name": "ewc", "lambda": 10.0}
+        raw["federated"] |= {"num_clients": n, "clients_per_round": min(10, n), "rounds_per_experience": 3,
+                             "eval_every_round": False}
+        log(f"scale: {n} clients")
+        out = tmp / f"scale_{n}"
+        try:
+            with PeakMemory() as memory:
+                metrics, total = run_clsim(raw, out)
+        except Exception as exc:  # noqa: BLE001 - record how it failed, go on
+            rows.append({"clients": n, "completed": False, "error": f"{type(exc).__name__}: {exc}"[:300]})
+            continue
+        state = sum(p.stat().st_size for p in (out / "federated" / "clients").rglob("*.pt"))
+        rows.append({"clients": n, "completed": len(metrics["rounds"]) == 3, "wall_s": round(total, 2),
+                     "rounds_s": round(sum(r["wall_time_s"] for r in metrics["rounds"]), 2),
+                     "peak_rss_mb": round(memory.peak / 2**20, 1),
+                     "peak_rss_per_client_kb": round(memory.peak / n / 2**10, 1),
+                     "client_state_on_disk_mb": round(state / 2**20, 2)})
+    return rows
+
+
+def round_time(args: argparse.Namespace, tmp: Path) -> list[dict[str, Any]]:
+    rows = []
+    for k in args.per_round:
+        raw = copy.deepcopy(BASE)
+        raw["federated"] |= {"num_clients": max(args.per_round), "clients_per_round": k, "rounds_per_experience": 3}
+        log(f"round time: {k} clients per round")
+        metrics, _ = run_clsim(raw, tmp / f"per_round_{k}")
+        times = [r["wall_time_s"] for r in metrics["rounds"]]
+        rows.append({"clients_per_round": k, "s_per_round_median": float(np.median(times)),
+                     "s_per_round": times})
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--parts", nargs="+", default=["overhead", "scale", "round_time"],
+                        choices=["overhead", "scale", "round_time"])
+    parser.add_argument("--clients", type=int, default=4, help="overhead: clients (all sampled)")
+    parser.add_argument("--rounds", type=int, default=5, help="overhead: rounds")
+    parser.add_argument("--repeats", type=int, default=2, help="overhead: repeats (median)")
+    parser.add_argument("--scale-clients", type=int, nargs="+", default=[100, 1000])
+    parser.add_argument("--per-round", type=int, nargs="+", default=[2, 5, 10, 20])
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+    result: dict[str, Any] = {"torch_threads": args.threads, "cpus": os.cpu_count()}
+    with tempfile.TemporaryDirectory(prefix="fed_bench_") as tmp:
+        for part in args.parts:
+            result[part] = globals()[part](args, Path(tmp))
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

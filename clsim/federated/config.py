@@ -1,0 +1,124 @@
+"""The ``federated:`` section of an experiment file, typed and validated (no Flower needed).
+
+::
+
+    federated:
+      num_clients: 8
+      clients_per_round: 4          # or fraction: 0.5
+      rounds_per_experience: 3
+      local_epochs: 2               # default: train.epochs
+      partition: {name: dirichlet, alpha: 0.5}   # iid | dirichlet | shards
+      server: {name: fedprox, mu: 0.01}          # fedavg | fedprox
+      fleet: clients/edge_fleet.yaml             # or an inline {name, tiers}; default: one ideal tier
+      round_deadline_s: 30          # simulated seconds; later replies are stragglers, dropped
+      round_timeout_s: null         # real seconds the server waits for replies (hung clients)
+      backend: simulation           # Flower's simulation engine (Ray) | inprocess (tests, debugging)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from clsim.errors import ConfigError
+from clsim.federated.fleet import Fleet, load_fleet
+
+
+@dataclass(frozen=True)
+class FederatedConfig:
+    """How an experiment's stream is learnt by a federation of clients."""
+
+    num_clients: int = 4
+    """Simulated clients (Flower SuperNodes); client k holds partition k of every experience."""
+    clients_per_round: int | None = None
+    """Clients sampled per round (from those online); give this or ``fraction``."""
+    fraction: float | None = None
+    """Fraction of ``num_clients`` sampled per round (default 1.0 when neither is given)."""
+    rounds_per_experience: int = 2
+    """Federated rounds on each experience before the stream moves on."""
+    local_epochs: int | None = None
+    """Epochs each sampled client trains per round (default: ``train.epochs``)."""
+    class_order: Literal["shared"] = "shared"
+    """Every client meets the experiences in the stream's order (per-client orders: not yet)."""
+    round_deadline_s: float | None = None
+    """Simulated seconds a round waits; clients whose simulated time exceeds it are stragglers
+    and their updates are dropped (null: no deadline)."""
+    round_timeout_s: float | None = None
+    """Real seconds the server waits for replies; a client that has not replied by then is
+    recorded as timed out (null: wait for every reply)."""
+    backend: Literal["simulation", "inprocess"] = "simulation"
+    """'simulation': Flower's simulation engine (Ray); 'inprocess': the same ClientApp called in
+    this process one client at a time (fast start, for tests and debugging)."""
+    num_cpus_per_client: float = 1.0
+    """CPUs per client: Ray's resources per simulated client (2 cores -> 2 clients train at a
+    time) and torch's threads in every client, whatever the engine (so they compute alike)."""
+    eval_every_round: bool = True
+    """Evaluate the global model on all seen test sets after every round (else per experience)."""
+    partition: Any = None
+    """Section of :data:`~clsim.registry.PARTITIONERS` (default ``{name: iid}``)."""
+    server: Any = None
+    """Section of :data:`~clsim.registry.SERVER_STRATEGIES` (default ``{name: fedavg}``)."""
+    fleet: Fleet = dataclasses.field(default_factory=Fleet)
+    """Client fleet profile (``clients/*.yaml``); default: one ideal tier, always online."""
+
+    def __post_init__(self) -> None:
+        n = self.num_clients
+        _require("num_clients", n >= 1, "an int >= 1", n)
+        if self.clients_per_round is not None and self.fraction is not None:
+            raise ConfigError("federated.fraction", "give either clients_per_round or fraction, not both")
+        if self.clients_per_round is not None:
+            k = self.clients_per_round
+            _require("clients_per_round", 1 <= k <= n, f"an int in [1, {n}] (num_clients)", k)
+        if self.fraction is not None:
+            _require("fraction", 0 < self.fraction <= 1, "a number in (0, 1]", self.fraction)
+        _require("rounds_per_experience", self.rounds_per_experience >= 1, "an int >= 1",
+                 self.rounds_per_experience)
+        if self.local_epochs is not None:
+            _require("local_epochs", self.local_epochs >= 1, "an int >= 1 or null", self.local_epochs)
+        for key in ("round_deadline_s", "round_timeout_s"):
+            value = getattr(self, key)
+            _require(key, value is None or value > 0, "a number > 0 or null", value)
+        _require("num_cpus_per_client", self.num_cpus_per_client > 0, "a number > 0", self.num_cpus_per_client)
+
+    @property
+    def sample_size(self) -> int:
+        """How many clients a round samples."""
+        if self.clients_per_round is not None:
+            return self.clients_per_round
+        return max(1, round((self.fraction or 1.0) * self.num_clients))
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain YAML-able data; parsing it again gives an equal config."""
+        scalars = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                   if f.name not in ("partition", "server", "fleet")}
+        return scalars | {"partition": self.partition.to_dict(), "server": self.server.to_dict(),
+                          "fleet": self.fleet.to_dict()}
+
+    def smoke(self) -> FederatedConfig:
+        """A copy shrunk for a smoke run: 2 clients, 1 round per experience, 1 local epoch, and
+        the in-process grid (the same ClientApp and server, without Ray's ~10-20 s start-up)."""
+        n = min(self.num_clients, 2)
+        return dataclasses.replace(self, num_clients=n, clients_per_round=None, fraction=None,
+                                   rounds_per_experience=1, local_epochs=1, backend="inprocess")
+
+
+def parse_federated(raw: Any, base_dir: Path | None = None) -> FederatedConfig:
+    """Validate the ``federated`` mapping of an experiment file."""
+    from clsim.config import parse_dataclass, parse_section
+    from clsim.registry import PARTITIONERS, SERVER_STRATEGIES
+
+    if not isinstance(raw, dict):
+        raise ConfigError("federated", f"expected a mapping, got {type(raw).__name__}")
+    raw = dict(raw)
+    partition = parse_section("federated.partition", raw.pop("partition", None) or "iid", PARTITIONERS, base_dir)
+    server = parse_section("federated.server", raw.pop("server", None) or "fedavg", SERVER_STRATEGIES, base_dir)
+    fleet = load_fleet(raw.pop("fleet", None), base_dir)
+    config = parse_dataclass("federated", raw, FederatedConfig)
+    return dataclasses.replace(config, partition=partition, server=server, fleet=fleet)
+
+
+def _require(key: str, ok: bool, expected: str, value: Any) -> None:
+    if not ok:
+        raise ConfigError(f"federated.{key}", f"expected {expected}, got {value!r}")

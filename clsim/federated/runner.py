@@ -1,0 +1,94 @@
+"""``clsim run`` of an experiment with a ``federated:`` section: pick the engine, run, write the folder.
+
+The simulation entry point is ``flwr.simulation.run_simulation`` (Flower's simulation engine
+on Ray, in this process). Flower 1.41 marks it deprecated in favour of ``flwr run`` with a
+local-simulation federation; that path starts a SuperLink in the background, ships the app as
+a FAB and returns no Python result, so it cannot give ``clsim run`` its progress lines, its
+exit codes and its resume semantics. The same ServerApp and ClientApp run under ``flwr run``
+(see :mod:`clsim.federated.server_app` and docs/federated.md); ``run_simulation`` is kept for
+the in-process case until Flower removes it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+from clsim.config import ExperimentConfig
+from clsim.engine.progress import Progress
+
+
+def run(config: ExperimentConfig, out_dir: Path, *, resume: bool = False, quiet: bool = False) -> dict[str, Any]:
+    """Run ``config`` (with ``config.federated``) into ``out_dir``; returns its metrics."""
+    from clsim.experiment import check_run_dir, write_config
+
+    out_dir = Path(out_dir)
+    check_run_dir(config, out_dir, resume=resume)
+    os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+    with Progress(quiet=quiet) as progress, _quiet_flower():
+        from clsim.federated.server import Federation
+
+        federation = Federation(config, out_dir, progress, resume=resume)
+        write_config(config, out_dir)
+        if config.federated.backend == "inprocess":
+            return run_inprocess(federation)
+        return run_simulation(federation)
+
+
+def run_inprocess(federation: Any) -> dict[str, Any]:
+    """The federation over :class:`~clsim.federated.grid.InProcessGrid` (no Ray)."""
+    from clsim.federated.client import app
+    from clsim.federated.grid import InProcessGrid, task_identity
+
+    with task_identity():
+        return federation.run(InProcessGrid(app, federation.fed.num_clients))
+
+
+def run_simulation(federation: Any) -> dict[str, Any]:
+    """The federation on Flower's simulation engine (Ray), one SuperNode per client."""
+    from flwr.serverapp import ServerApp
+    from flwr.simulation import run_simulation as flower_run_simulation
+
+    from clsim.federated.client import app as client_app
+
+    outcome: dict[str, Any] = {}
+    server_app = ServerApp()
+
+    @server_app.main()
+    def main(grid: Any, context: Any) -> None:
+        try:
+            outcome["results"] = federation.run(grid)
+        except BaseException as exc:  # re-raised below: Flower would only log it
+            outcome["error"] = exc
+
+    fed = federation.fed
+    backend = {"client_resources": {"num_cpus": fed.num_cpus_per_client, "num_gpus": 0.0},
+               "init_args": {"logging_level": "ERROR", "log_to_driver": False, "include_dashboard": False}}
+    flower_run_simulation(server_app=server_app, client_app=client_app, num_supernodes=fed.num_clients,
+                          backend_config=backend)
+    if "error" in outcome:
+        raise outcome["error"]
+    if "results" not in outcome:
+        raise RuntimeError("Flower's simulation ended without running the federation (see the log above)")
+    return outcome["results"]
+
+
+class _quiet_flower:
+    """Flower's log (INFO lines, a traceback per failed client) and its deprecation notices would
+    drown clsim's own progress lines; clsim logs and records every failure itself."""
+
+    def __enter__(self) -> None:
+        from flwr.common.logger import FLOWER_LOGGER
+
+        self.logger, self.level = FLOWER_LOGGER, FLOWER_LOGGER.level
+        FLOWER_LOGGER.setLevel(logging.CRITICAL + 1)
+        self.warnings = warnings.catch_warnings()
+        self.warnings.__enter__()
+        warnings.simplefilter("ignore")
+
+    def __exit__(self, *exc: Any) -> None:
+        self.logger.setLevel(self.level)
+        self.warnings.__exit__(*exc)

@@ -1,0 +1,91 @@
+"""What the server and every client rebuild from the experiment config: the stream and its partitions.
+
+A client receives the resolved config (YAML text) in every message and rebuilds the scenario
+from it once per process (:func:`runtime` is cached), so the same ClientApp runs in Flower's
+simulation engine, in-process, and on real SuperNodes, with nothing but Flower messages in
+between. Partitions are a pure function of (config, experience, split): server and clients
+compute the same ones.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+
+import numpy as np
+import yaml
+
+from clsim.config import ExperimentConfig, parse_config
+from clsim.data.base import View
+from clsim.engine.engine import derive_seed
+from clsim.federated.config import FederatedConfig
+from clsim.federated.fleet import Tier
+from clsim.federated.partition import mirror
+from clsim.scenarios.base import Experience, Scenario
+
+SPLITS = {"train": 0, "test": 1}
+
+
+@dataclass
+class Runtime:
+    """The stream, its per-client partitions (computed lazily, cached) and the clients' tiers."""
+
+    config: ExperimentConfig
+    scenario: Scenario
+    tiers: list[Tier]
+    _parts: dict[tuple[int, str], list[np.ndarray]] = field(default_factory=dict)
+
+    @property
+    def fed(self) -> FederatedConfig:
+        return self.config.federated
+
+    def partition(self, index: int, split: str) -> list[np.ndarray]:
+        """Index arrays (one per client) into experience ``index``'s ``split`` set."""
+        key = (index, split)
+        if key not in self._parts:
+            data = getattr(self.scenario.experiences[index], split)
+            labels = np.asarray(data.targets, dtype=np.int64)
+            seed = derive_seed(self.config.seed, index, SPLITS[split]) % 2**32
+            if split == "test":  # the client's own test data follows its training labels
+                train = self.scenario.experiences[index].train
+                train_labels = np.asarray(train.targets, dtype=np.int64)
+                self._parts[key] = mirror(labels, train_labels, self.partition(index, "train"), seed)
+            else:
+                self._parts[key] = self.fed.partition.build(labels, self.fed.num_clients, seed)
+        return self._parts[key]
+
+    def client_experience(self, client: int, index: int) -> Experience:
+        """Experience ``index`` as client ``client`` sees it: its partitions of train and test."""
+        exp = self.scenario.experiences[index]
+        train = View(exp.train, self.partition(index, "train")[client])
+        test = View(exp.test, self.partition(index, "test")[client])
+        return Experience(exp.index, exp.classes, train, test)
+
+    def stream_id(self, client: int, index: int, round_in_experience: int) -> int:
+        """The engine's seed stream for one client's local training in one round.
+
+        Unique per (experience, round, client); client 0's first round of experience i uses
+        stream i, the local run's, so a one-client federation reproduces local training.
+        """
+        T, R = len(self.scenario), self.fed.rounds_per_experience
+        return index + T * (round_in_experience + R * client)
+
+
+def config_text(config: ExperimentConfig) -> str:
+    """The resolved config as the YAML text that travels in messages."""
+    return yaml.safe_dump(config.to_dict(), sort_keys=False)
+
+
+@functools.lru_cache(maxsize=4)
+def runtime(text: str) -> Runtime:
+    """Parse ``text`` (a resolved config) and build its stream; cached per process."""
+    config = parse_config(yaml.safe_load(text))
+    return build_runtime(config)
+
+
+def build_runtime(config: ExperimentConfig) -> Runtime:
+    """The :class:`Runtime` of a parsed config (builds the source and the scenario)."""
+    source = config.data.build()
+    scenario = config.scenario.build(source, config.seed)
+    tiers = config.federated.fleet.assign(config.federated.num_clients, config.seed)
+    return Runtime(config, scenario, tiers)

@@ -1,0 +1,362 @@
+"""The server side of a federated run: experiences x rounds over any Flower ``Grid``.
+
+:class:`Federation` is what a ServerApp's ``main(grid, context)`` does, whichever engine
+delivers the messages (Flower's simulation engine, real SuperNodes, or the in-process grid):
+
+    discover clients (query: node -> partition id)
+    for each experience t:
+        grow the global head to the classes seen so far
+        for each round r:
+            fleet: who is online; sample clients (a pure function of seed and step)
+            server strategy's configure_train -> messages; grid.send_and_receive
+            sort replies: arrived / failed / timed out / stragglers past the deadline
+            server strategy's aggregate_train over the arrivals -> new global model
+            evaluate the global model on every seen test set; checkpoint
+        consolidate: participants run after_task with the final global model and report
+            accuracy on their own test data; the accuracy-matrix row; checkpoint
+
+Clients are sampled by the driver, not by Flower's ``sample_nodes`` (which draws from Python's
+global ``random``): the sample must be reproducible and respect fleet availability. The
+strategy is handed exactly the sampled nodes through :class:`SampledNodes`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+
+from clsim import metrics as M
+from clsim.config import ExperimentConfig
+from clsim.engine.engine import EvalResult, derive_seed
+from clsim.engine.progress import Progress
+from clsim.federated.client import grow_to
+from clsim.federated.fleet import Tier, online
+from clsim.federated.runtime import Runtime, config_text
+from clsim.federated.state import FedState, load_server, save_server
+from clsim.report.run_folder import write_results
+
+CHECKPOINT = Path("checkpoints") / "last.pt"
+CLIENT_STATE = Path("federated") / "clients"
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    """What the server knows about a node: its client index and fleet tier."""
+
+    node_id: int
+    client: int
+    tier: Tier
+
+
+class SampledNodes:
+    """The ``Grid`` view handed to a server strategy's ``configure_train``: only the sampled nodes.
+
+    ``info`` maps node id -> :class:`NodeInfo`, for strategies that send per-tier payloads.
+    """
+
+    def __init__(self, nodes: list[NodeInfo]):
+        self.info = {n.node_id: n for n in nodes}
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.info)
+
+
+def bytes_of(content: RecordDict) -> int:
+    """Bytes of the model payload (every ArrayRecord) of a message's content."""
+    return sum(len(array.data) for record in content.array_records.values() for array in record.values())
+
+
+def failure_reason(message: Message) -> str:
+    """A short reason from an error reply (Ray wraps the client's exception text)."""
+    reason = message.error.reason or f"error code {message.error.code}"
+    if "Message: " in reason:
+        reason = reason.split("Message: ", 1)[1]
+    return reason.strip().strip("'>\n ")[:200]
+
+
+def training_flops(model: torch.nn.Module, input_shape: tuple[int, ...]) -> float:
+    """FLOPs to train on one example: 3x the forward pass (backward ~ 2x forward; Kaplan et al. 2020)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    was_training = model.training
+    model.eval()
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model(torch.zeros(1, *input_shape, device=next(model.parameters()).device))
+    model.train(was_training)
+    return 3.0 * counter.get_total_flops()
+
+
+class Federation:
+    """Drives one federated run over a grid and writes its run folder.
+
+    Args:
+        config: the experiment, with its ``federated`` section.
+        out_dir: the run folder (client state lives in ``out_dir/federated/clients``).
+        progress: bars and log lines.
+        resume: continue from ``out_dir/checkpoints/last.pt`` if it exists.
+        client_state_dir: where clients keep their strategy state (default under ``out_dir``).
+    """
+
+    def __init__(self, config: ExperimentConfig, out_dir: Path, progress: Progress, *,
+                 resume: bool = False, client_state_dir: str | None = None):
+        from clsim.experiment import build_learner
+
+        self.config, self.fed, self.out_dir, self.progress = config, config.federated, Path(out_dir), progress
+        self.learner = build_learner(config, progress)
+        tiers = self.fed.fleet.assign(self.fed.num_clients, config.seed)
+        self.rt = Runtime(config, self.learner.scenario, tiers)
+        self.text = config_text(config)
+        self.state_dir = client_state_dir or str((self.out_dir / CLIENT_STATE).resolve())
+        self.strategy = self.fed.server.build()
+        self.state = self._restore() if resume else FedState()
+        self.nodes: dict[int, NodeInfo] = {}
+        self.flops = 0.0
+
+    # ------------------------------------------------------------------ the run
+    def run(self, grid: Any) -> dict[str, Any]:
+        """All experiences x rounds over ``grid``; returns the metrics written to the run folder."""
+        started = time.perf_counter()
+        self.nodes = self._discover(grid)
+        T, R = len(self.rt.scenario), self.fed.rounds_per_experience
+        bar = self.progress.bar("federated rounds", T * R)
+        bar.advance(self.state.experience * R + self.state.round)
+        for t in range(self.state.experience, T):
+            if self.state.round == 0:
+                self._grow(t)
+            self.flops = training_flops(self.learner.model, self.rt.scenario.input_shape)
+            while self.state.round < R:
+                self._round(grid, t, self.state.round)
+                self.state.round += 1
+                self.state.elapsed_s, started = self.state.elapsed_s + time.perf_counter() - started, time.perf_counter()
+                self._checkpoint()
+                bar.advance()
+            self._end_experience(grid, t)
+            self.state.experience, self.state.round = t + 1, 0
+            self.state.elapsed_s, started = self.state.elapsed_s + time.perf_counter() - started, time.perf_counter()
+            self._checkpoint()
+        bar.close()
+        return self._finish()
+
+    def _discover(self, grid: Any, wait_s: float = 300.0) -> dict[int, NodeInfo]:
+        """Map every client index to its node (one ``query`` message per node)."""
+        n, deadline = self.fed.num_clients, time.monotonic() + wait_s
+        while len(node_ids := list(grid.get_node_ids())) < n:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"only {len(node_ids)} of {n} Flower nodes connected after {wait_s:.0f} s")
+            time.sleep(0.2)
+        content = RecordDict({"config": ConfigRecord({"experiment": self.text})})
+        queries = [Message(content, dst_node_id=node, message_type="query") for node in node_ids]
+        clients = {}
+        for reply in grid.send_and_receive(queries, timeout=wait_s):
+            if not reply.has_error():
+                k = int(reply.content["metrics"]["partition-id"])
+                clients[k] = NodeInfo(reply.metadata.src_node_id, k, self.rt.tiers[k] if k < n else None)
+        missing = sorted(set(range(n)) - set(clients))
+        if missing:
+            raise RuntimeError(f"no node holds partition(s) {missing[:10]} (each SuperNode needs "
+                               f"--node-config 'partition-id=K num-partitions={n}')")
+        return {k: clients[k] for k in range(n)}
+
+    def _grow(self, t: int) -> None:
+        # the same seed as a local run's experience t: a one-client federation matches it
+        torch.manual_seed(derive_seed(self.config.seed, t))
+        self.learner.model.grow(self.rt.scenario.seen_classes(t))
+
+    # ------------------------------------------------------------------ one round
+    def sample(self, step: int) -> tuple[list[int], int]:
+        """The clients sampled at ``step`` (from those online) and how many were offline."""
+        seed, n = self.config.seed, self.fed.num_clients
+        up = [k for k in range(n) if online(self.rt.tiers[k], seed=seed, step=step, client=k)]
+        size = min(self.fed.sample_size, len(up))
+        chosen = np.random.default_rng([seed, step, 11]).choice(up, size=size, replace=False) if size else []
+        return sorted(int(k) for k in chosen), n - len(up)
+
+    def _message_config(self, t: int, r: int, step: int) -> ConfigRecord:
+        epochs = self.fed.local_epochs or self.config.train.epochs
+        return ConfigRecord({"experiment": self.text, "experience": t, "round": r, "step": step,
+                             "state-dir": self.state_dir, "local-epochs": epochs})
+
+    def _round(self, grid: Any, t: int, r: int) -> None:
+        R = self.fed.rounds_per_experience
+        step, server_round, started = t * (R + 1) + r, t * R + r + 1, time.perf_counter()
+        chosen, offline = self.sample(step)
+        arrays = ArrayRecord(self.learner.model.state_dict())
+        view = SampledNodes([self.nodes[k] for k in chosen])
+        messages = list(self.strategy.configure_train(server_round, arrays, self._message_config(t, r, step), view))
+        replies = list(grid.send_and_receive(messages, timeout=self.fed.round_timeout_s)) if messages else []
+        record = self._sort_replies(messages, replies, chosen)
+        kept = record.pop("_kept")
+        if kept:
+            new, _ = self.strategy.aggregate_train(server_round, kept)
+            if new is not None:
+                self.learner.model.load_state_dict(new.to_torch_state_dict())
+        last = r == R - 1
+        evals = self._evaluate(t) if (self.fed.eval_every_round or last) else None
+        record |= {"round": server_round, "experience": t, "round_in_experience": r + 1,
+                   "sampled": chosen, "offline": offline,
+                   "accuracy": None if evals is None else float(np.mean([e.accuracy for e in evals])),
+                   "accuracy_per_experience": None if evals is None else [e.accuracy for e in evals],
+                   "wall_time_s": round(time.perf_counter() - started, 3)}
+        self.state.rounds.append(record)
+        self._log_round(record)
+
+    def _sort_replies(self, messages: list[Message], replies: list[Message], chosen: list[int]) -> dict[str, Any]:
+        """Arrivals, failures, time-outs, stragglers and bytes of one round; ``_kept`` to aggregate."""
+        by_node = {m.metadata.src_node_id: m for m in replies}
+        sent = {m.metadata.dst_node_id: bytes_of(m.content) for m in messages}
+        rec = {"aggregated": [], "failed": {}, "timed_out": [], "stragglers": [], "empty": [],
+               "bytes_down": sum(sent.values()), "bytes_up": 0, "client_times_s": [], "_kept": []}
+        deadline, losses = self.fed.round_deadline_s, []
+        for k in chosen:
+            reply = by_node.get(self.nodes[k].node_id)
+            if reply is None:
+                rec["timed_out"].append(k)
+            elif reply.has_error():
+                rec["failed"][str(k)] = failure_reason(reply)
+            else:
+                m, seconds, size = reply.content["metrics"], *self._client_time(k, reply, sent)
+                rec["bytes_up"] += size
+                rec["client_times_s"].append(round(seconds, 4))
+                if int(m["num-examples"]) == 0:
+                    rec["empty"].append(k)
+                elif deadline is not None and seconds > deadline:
+                    rec["stragglers"].append(k)
+                else:
+                    rec["aggregated"].append(k)
+                    rec["_kept"].append(reply)
+                    losses.append((float(m["train-loss"]), int(m["num-examples"])))
+        late = bool(rec["stragglers"] or rec["timed_out"]) and deadline is not None
+        rec["simulated_time_s"] = deadline if late else max(rec["client_times_s"], default=0.0)
+        rec["train_loss"] = sum(l * n for l, n in losses) / sum(n for _, n in losses) if losses else None
+        if rec["failed"]:
+            self.progress.log("  failed: " + "; ".join(f"client {k}: {why}" for k, why in rec["failed"].items()))
+        return rec
+
+    def _client_time(self, k: int, reply: Message, sent: dict[int, int]) -> tuple[float, int]:
+        """Client ``k``'s simulated round time (see :meth:`Tier.round_time`) and its upload bytes."""
+        m, size = reply.content["metrics"], bytes_of(reply.content)
+        flops = self.flops * float(m["num-examples"]) * float(m["local-epochs"])
+        seconds = float(m["delay-s"]) + self.rt.tiers[k].round_time(
+            flops=flops, bytes_down=sent[self.nodes[k].node_id], bytes_up=size)
+        return seconds, size
+
+    def _log_round(self, rec: dict[str, Any]) -> None:
+        T, R = len(self.rt.scenario), self.fed.rounds_per_experience
+        acc = "-" if rec["accuracy"] is None else f"{rec['accuracy']:.4f}"
+        lost = len(rec["failed"]) + len(rec["timed_out"]) + len(rec["stragglers"])
+        self.progress.log(
+            f"round {rec['round']}/{T * R} (experience {rec['experience'] + 1}/{T}): "
+            f"{len(rec['aggregated'])}/{len(rec['sampled'])} clients aggregated, {lost} lost, "
+            f"{rec['offline']} offline; accuracy on seen {acc}; "
+            f"{(rec['bytes_down'] + rec['bytes_up']) / 1e6:.2f} MB; simulated {rec['simulated_time_s']:.2f} s")
+
+    # ------------------------------------------------------------------ experience boundary
+    def _evaluate(self, t: int) -> list[EvalResult]:
+        """The global model on the test sets of experiences 0..t (the server's own data)."""
+        engine, model, strategy = self.learner.engine, self.learner.model, self.learner.strategy
+        strategy.before_task(model, self.rt.scenario.experiences[t])
+        return [engine.evaluate(model, strategy, e.test, num_classes=self.rt.scenario.num_classes,
+                                label=f"eval {e.index + 1}/{t + 1}")
+                for e in self.rt.scenario.experiences[: t + 1]]
+
+    def _end_experience(self, grid: Any, t: int) -> None:
+        """Consolidation on the participants, their own-test accuracy, and the matrix row."""
+        R, T = self.fed.rounds_per_experience, len(self.rt.scenario)
+        trained = sorted({k for rec in self.state.rounds if rec["experience"] == t
+                          for k in rec["aggregated"] + rec["stragglers"] + rec["empty"]})
+        step = t * (R + 1) + R
+        arrays = ArrayRecord(self.learner.model.state_dict())
+        content = RecordDict({"arrays": arrays, "config": self._message_config(t, R, step)})
+        messages = [Message(content, dst_node_id=self.nodes[k].node_id, message_type="evaluate.consolidate")
+                    for k in trained]
+        replies = list(grid.send_and_receive(messages, timeout=self.fed.round_timeout_s)) if messages else []
+        client_of = {info.node_id: k for k, info in self.nodes.items()}
+        accuracy, failed = {}, {}
+        for reply in replies:
+            k = client_of[reply.metadata.src_node_id]
+            if reply.has_error():
+                failed[str(k)] = failure_reason(reply)
+            elif int(reply.content["metrics"]["num-examples"]):
+                accuracy[str(k)] = float(reply.content["metrics"]["accuracy"])
+        answered = {client_of[r.metadata.src_node_id] for r in replies}
+        self.state.client_accuracy.append(dict(sorted(accuracy.items(), key=lambda kv: int(kv[0]))))
+        self.state.consolidation.append({"experience": t, "clients": trained, "failed": failed,
+                                         "timed_out": [k for k in trained if k not in answered],
+                                         "bytes_down": bytes_of(content) * len(messages)})
+        evals = self._evaluate(t)
+        self.state.rows.append([e.accuracy for e in evals] + [None] * (T - t - 1))
+        last = [rec for rec in self.state.rounds if rec["experience"] == t][-1]
+        self.state.losses.append(last["train_loss"])
+        self._final_evals = evals
+        mean_client = np.mean(list(accuracy.values())) if accuracy else float("nan")
+        self.progress.log(f"experience {t + 1}/{T}: global accuracy on seen "
+                          f"{np.mean([e.accuracy for e in evals]):.4f}, mean client accuracy {mean_client:.4f}")
+
+    # ------------------------------------------------------------------ checkpoints and results
+    def _checkpoint(self) -> None:
+        save_server(self.out_dir / CHECKPOINT, self.state, self.learner.model)
+
+    def _restore(self) -> FedState:
+        path = self.out_dir / CHECKPOINT
+        if not path.exists():
+            return FedState()
+        payload = load_server(path)
+        grow_to(self.learner.model, self.learner.scenario, payload["num_classes"])
+        self.learner.model.load_state_dict(payload["model"])
+        state = payload["federated"]
+        self.progress.log(f"resuming at experience {state.experience + 1}, round {state.round + 1}")
+        return state
+
+    def _finish(self) -> dict[str, Any]:
+        results = summarize(self.config, self.learner.scenario, self.state,
+                            getattr(self, "_final_evals", None))
+        results["device"] = str(self.learner.engine.device)
+        scenario = self.learner.scenario
+        experiences = [{"index": e.index, "classes": [scenario.class_names[c] for c in e.classes]}
+                       for e in scenario.experiences]
+        write_results(self.out_dir, config=self.config.to_dict(), metrics=results,
+                      experiences=experiences, title=self.config.name)
+        self.progress.log(f"[bold]done[/] average accuracy {results['average_accuracy']:.4f} -> {self.out_dir}")
+        return results
+
+
+def summarize(config: ExperimentConfig, scenario: Any, state: FedState,
+              final: list[EvalResult] | None) -> dict[str, Any]:
+    """metrics.json of a federated run: the local-run keys plus rounds, bytes, clients, fleet."""
+    per_class = {}
+    if scenario.long_tailed and final:
+        per_class = {"per_class_correct": sum(r.correct for r in final).tolist(),
+                     "per_class_total": sum(r.total for r in final).tolist(),
+                     "train_counts": scenario.train_counts.tolist()}
+    results = M.summarize(state.rows, many_shot=config.metrics.many_shot,
+                          few_shot=config.metrics.few_shot, **per_class)
+    fed = config.federated
+    down = sum(r["bytes_down"] for r in state.rounds) + sum(c["bytes_down"] for c in state.consolidation)
+    up = sum(r["bytes_up"] for r in state.rounds)
+    client_means = [float(np.mean(list(a.values()))) if a else None for a in state.client_accuracy]
+    results |= {
+        "wall_time_s": round(state.elapsed_s, 3),
+        "train_loss": state.losses,
+        "class_order": list(scenario.class_order),
+        "num_clients": fed.num_clients,
+        "server_strategy": fed.server.name,
+        "fleet": fed.fleet.name,
+        "communication_bytes": {"down": down, "up": up, "total": down + up},
+        "simulated_time_s": float(sum(r["simulated_time_s"] for r in state.rounds)),
+        "failed_clients": sum(len(r["failed"]) + len(r["timed_out"]) for r in state.rounds),
+        "dropped_stragglers": sum(len(r["stragglers"]) for r in state.rounds),
+        "client_accuracy": state.client_accuracy,
+        "mean_client_accuracy": client_means,
+        "consolidation": state.consolidation,
+        "rounds": state.rounds,
+    }
+    return results
+
