@@ -8,7 +8,7 @@ Prints one JSON object on stdout (progress on stderr). Three parts (issue 5, poi
   and run through ``clsim run``; both on ``run_simulation``. Compared: seconds per round
   measured inside the ServerApp (Ray start-up excluded; reported apart).
 - ``scale``: for each client count N, a 3-round federation with 10 clients sampled per round,
-  every client holding EWC state; wall time, peak resident memory of the whole process tree
+  every client holding EWC state, on synthetic data with ~4 training images per client; wall time, peak resident memory of the whole process tree
   (server, Ray workers) and that peak divided by N, and the client-state bytes on disk.
 - ``round_time``: seconds per round against clients per round (20 clients).
 
@@ -32,7 +32,6 @@ from typing import Any
 import numpy as np
 import psutil
 import torch
-import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -224,6 +223,10 @@ def scale(args: argparse.Namespace, tmp: Path) -> list[dict[str, Any]]:
     rows = []
     for n in args.scale_clients:
         raw = copy.deepcopy(BASE)
+        # synthetic data with ~4 training images per client (digits has 1,437 in all)
+        per_class = max(200, int(np.ceil(4 * n / 0.8 / 10)))
+        raw["data"] = {"name": "synthetic", "num_classes": 10, "samples_per_class": per_class,
+                       "image_size": 8, "channels": 1}
         raw["strategy"] = {"name": "ewc", "lambda": 10.0}
         raw["federated"] |= {"num_clients": n, "clients_per_round": min(10, n), "rounds_per_experience": 3,
                              "eval_every_round": False}
@@ -264,7 +267,7 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=4, help="overhead: clients (all sampled)")
     parser.add_argument("--rounds", type=int, default=5, help="overhead: rounds")
     parser.add_argument("--repeats", type=int, default=2, help="overhead: repeats (median)")
-    parser.add_argument("--scale-clients", type=int, nargs="+", default=[100, 1000])
+    parser.add_argument("--scale-clients", type=int, nargs="+", default=[1000, 10000])
     parser.add_argument("--per-round", type=int, nargs="+", default=[2, 5, 10, 20])
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()

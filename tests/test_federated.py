@@ -20,8 +20,7 @@ pytest.importorskip("flwr_datasets")
 
 from clsim.cli import main  # noqa: E402
 from clsim.config import parse_config  # noqa: E402
-from clsim.errors import ConfigError  # noqa: E402
-from clsim.federated.fleet import Fleet, Tier, injected_fault, load_fleet  # noqa: E402
+from clsim.federated.fleet import Tier, injected_fault, load_fleet  # noqa: E402
 from clsim.federated.partition import label_skew  # noqa: E402
 from clsim.federated.state import ClientStore  # noqa: E402
 from clsim.registry import PARTITIONERS  # noqa: E402
@@ -238,3 +237,36 @@ def test_resume_after_an_interrupted_round_matches_an_uninterrupted_run(tmp_path
     assert main(["run", str(config), "--out", str(tmp_path / "resumed"), "--quiet", "--resume"]) == 0
     resumed = json.loads((tmp_path / "resumed" / "metrics.json").read_text())
     assert stable(resumed) == stable(straight)
+
+
+def test_more_clients_than_items_is_an_input_error_for_dirichlet_and_empty_clients_for_iid(tmp_path, capsys):
+    labels = np.arange(30) % 3
+    parts = PARTITIONERS.get("iid")(labels, 50, 0)
+    assert sum(map(len, parts)) == 30 and sum(len(p) == 0 for p in parts) == 20
+    config = tmp_path / "many.yaml"
+    config.write_text(yaml.safe_dump(tiny(num_clients=500, partition={"name": "dirichlet"})))
+    assert main(["run", str(config), "--out", str(tmp_path / "o"), "--quiet"]) == 2
+    assert capsys.readouterr().err.startswith("clsim: error: federated.partition: cannot split")
+
+
+def test_per_client_class_orders_give_a_full_accuracy_matrix(tmp_path):
+    from clsim.federated.runtime import build_runtime
+
+    raw = tiny(class_order="per_client", num_clients=4)
+    raw["scenario"]["n_tasks"] = 3
+    rt = build_runtime(parse_config(raw))
+    orders = [rt.order(k) for k in range(4)]
+    assert all(sorted(o) == [0, 1, 2] for o in orders) and len({tuple(o) for o in orders}) > 1
+    assert rt.head_size(0) == rt.scenario.num_classes
+    metrics = run(tmp_path, raw, "async")
+    R = metrics["accuracy_matrix"]
+    assert all(v is not None for row in R for v in row)  # every experience measured at every step
+
+
+def test_unsupported_combinations_are_input_errors(tmp_path, capsys):
+    config = tmp_path / "gpu.yaml"
+    raw = tiny(backend="simulation")
+    raw["train"]["device"] = "cuda"
+    config.write_text(yaml.safe_dump(raw))
+    assert main(["run", str(config), "--out", str(tmp_path / "o"), "--quiet"]) == 2
+    assert capsys.readouterr().err.startswith("clsim: error: federated.num_gpus_per_client")

@@ -62,10 +62,22 @@ class Job:
 def _job(msg: Message, context: Context) -> Job:
     cfg = msg.content["config"]
     rt = runtime(str(cfg["experiment"]))
-    client = int(context.node_config["partition-id"])
+    client = _client_index(cfg, context)
     state_dir = str(context.node_config.get("state-dir", cfg["state-dir"]))
     return Job(rt, client, int(cfg["experience"]), int(cfg["round"]), int(cfg["step"]),
                ClientStore(state_dir, client), cfg)
+
+
+def _client_index(cfg: ConfigRecord, context: Context) -> int:
+    """The client this node plays: assigned by the server (simulation) or its partition id."""
+    if "node-ids" in cfg:
+        return int(cfg["client-ids"][list(cfg["node-ids"]).index(str(context.node_id))])
+    return int(context.node_config["partition-id"])
+
+
+def cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state dict on the CPU: what travels in messages, whatever the device."""
+    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
 
 
 def grow_to(model: nn.Module, scenario: Scenario, num_classes: int) -> None:
@@ -90,7 +102,7 @@ def build_local(job: Job, global_state: dict[str, torch.Tensor]) -> tuple[nn.Mod
         # the state was saved with the head of its own experience (an LwF teacher has that shape)
         grow_to(model, scenario, saved["num_classes"])
         strategy.load_state_dict(saved["strategy"])
-    grow_to(model, scenario, scenario.seen_classes(job.experience))
+    grow_to(model, scenario, job.rt.head_size(job.experience))
     model.load_state_dict(global_state)
     return model.to(_engine(job).device), strategy
 
@@ -161,21 +173,21 @@ def _train(job: Job, msg: Message) -> Message:
     mu = float(job.config.get("proximal-mu", 0.0))
     if mu > 0:
         strategy = Proximal(strategy, mu=mu, model=model)
-    rt, index = job.rt, job.experience
-    exp = rt.client_experience(job.client, index)
-    past = [rt.client_experience(job.client, i) for i in range(index)]
+    rt, order = job.rt, job.rt.order(job.client)
+    exp = rt.client_experience(job.client, order[job.experience])
+    past = [rt.client_experience(job.client, i) for i in order[: job.experience]]
     strategy.before_task(model, exp)
     data = strategy.train_dataset(exp, past)
     loss, epochs = float("nan"), int(job.config["local-epochs"])
     if len(data):
         engine = _engine(job, epochs)
-        stream = rt.stream_id(job.client, index, job.round)
+        stream = rt.stream_id(job.client, job.experience, job.round)
         loss = engine.fit(model, strategy, data, experience=stream, label="local")
     _save(job, model, strategy)
     metrics = MetricRecord({"num-examples": len(data), "train-loss": loss, "local-epochs": epochs,
                             "partition-id": job.client, "delay-s": delay,
                             "wall-s": time.perf_counter() - started})
-    arrays = ArrayRecord(model.state_dict())
+    arrays = ArrayRecord(cpu_state(model))
     return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
 
 
@@ -189,15 +201,15 @@ def consolidate(msg: Message, context: Context) -> Message:
 
 def _consolidate(job: Job, msg: Message) -> Message:
     model, strategy = build_local(job, msg.content["arrays"].to_torch_state_dict())
-    rt, index = job.rt, job.experience
-    exp = rt.client_experience(job.client, index)
+    rt, order = job.rt, job.rt.order(job.client)
+    exp = rt.client_experience(job.client, order[job.experience])
     strategy.before_task(model, exp)
     engine = _engine(job)
     if len(exp.train):
         strategy.after_task(model, exp, lambda: engine.batches(exp.train, batch_size=engine.train.batch_size))
     _save(job, model, strategy)
     correct = total = 0
-    for i in range(index + 1):
+    for i in order[: job.experience + 1]:
         test = rt.client_experience(job.client, i).test
         if len(test):
             result = engine.evaluate(model, strategy, test, num_classes=rt.scenario.num_classes)

@@ -40,8 +40,11 @@ class FederatedConfig:
     """Federated rounds on each experience before the stream moves on."""
     local_epochs: int | None = None
     """Epochs each sampled client trains per round (default: ``train.epochs``)."""
-    class_order: Literal["shared"] = "shared"
-    """Every client meets the experiences in the stream's order (per-client orders: not yet)."""
+    class_order: Literal["shared", "per_client"] = "shared"
+    """'shared': every client meets the experiences in the stream's order. 'per_client': each
+    client meets them in its own random order (asynchronous task arrival): at step t client k
+    trains on experience order_k[t]; the global head holds all classes from the start and the
+    global model is evaluated on every experience after each step (a full accuracy matrix)."""
     round_deadline_s: float | None = None
     """Simulated seconds a round waits; clients whose simulated time exceeds it are stragglers
     and their updates are dropped (null: no deadline)."""
@@ -54,6 +57,9 @@ class FederatedConfig:
     num_cpus_per_client: float = 1.0
     """CPUs per client: Ray's resources per simulated client (2 cores -> 2 clients train at a
     time) and torch's threads in every client, whatever the engine (so they compute alike)."""
+    num_gpus_per_client: float = 0.0
+    """Ray GPUs per simulated client (e.g. 0.25: four clients share a GPU); needed for
+    ``train.device: cuda`` on the simulation engine, which hides GPUs from CPU-only workers."""
     eval_every_round: bool = True
     """Evaluate the global model on all seen test sets after every round (else per experience)."""
     partition: Any = None
@@ -81,6 +87,8 @@ class FederatedConfig:
             value = getattr(self, key)
             _require(key, value is None or value > 0, "a number > 0 or null", value)
         _require("num_cpus_per_client", self.num_cpus_per_client > 0, "a number > 0", self.num_cpus_per_client)
+        _require("num_gpus_per_client", 0 <= self.num_gpus_per_client <= 1, "a number in [0, 1]",
+                 self.num_gpus_per_client)
 
     @property
     def sample_size(self) -> int:

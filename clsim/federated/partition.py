@@ -34,8 +34,12 @@ def _label_dataset(labels: np.ndarray, order: np.ndarray | None = None):
 
 def _split(partitioner, labels: np.ndarray, num_partitions: int, order: np.ndarray | None = None) -> Partitioning:
     partitioner.dataset = _label_dataset(labels, order)
-    return [np.sort(np.asarray(partitioner.load_partition(k)["idx"], dtype=np.int64))
-            for k in range(num_partitions)]
+    try:
+        return [np.sort(np.asarray(partitioner.load_partition(k)["idx"], dtype=np.int64))
+                for k in range(num_partitions)]
+    except ValueError as exc:  # e.g. more clients than items: the user's numbers, not a bug
+        raise ConfigError("federated.partition", f"cannot split {len(labels)} items over "
+                                                 f"{num_partitions} clients: {exc}") from None
 
 
 @PARTITIONERS.register("iid")
@@ -45,6 +49,8 @@ def iid(labels: np.ndarray, num_partitions: int, seed: int, /) -> Partitioning:
 
     # IidPartitioner cuts contiguous shards, so shuffle first.
     order = np.random.default_rng(seed).permutation(len(labels))
+    if num_partitions > len(labels):  # IidPartitioner cannot leave a client empty; same cut, by hand
+        return [np.sort(part) for part in np.array_split(order, num_partitions)]
     return _split(IidPartitioner(num_partitions=num_partitions), labels, num_partitions, order)
 
 

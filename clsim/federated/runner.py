@@ -19,6 +19,7 @@ from typing import Any
 
 from clsim.config import ExperimentConfig
 from clsim.engine.progress import Progress
+from clsim.errors import ConfigError
 
 
 def run(config: ExperimentConfig, out_dir: Path, *, resume: bool = False, quiet: bool = False) -> dict[str, Any]:
@@ -26,16 +27,32 @@ def run(config: ExperimentConfig, out_dir: Path, *, resume: bool = False, quiet:
     from clsim.experiment import check_run_dir, write_config
 
     out_dir = Path(out_dir)
+    check_supported(config)
     check_run_dir(config, out_dir, resume=resume)
     os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
     with Progress(quiet=quiet) as progress, _quiet_flower():
         from clsim.federated.server import Federation
 
-        federation = Federation(config, out_dir, progress, resume=resume)
+        federation = Federation(config, out_dir, progress, resume=resume, assign_clients=True)
         write_config(config, out_dir)
         if config.federated.backend == "inprocess":
             return run_inprocess(federation)
         return run_simulation(federation)
+
+
+def check_supported(config: ExperimentConfig) -> None:
+    """Combinations a federated run does not support (yet), as input errors."""
+    fed = config.federated
+    if config.teacher is not None:
+        raise ConfigError("teacher", "strategies that distil from a teacher run are not supported "
+                                     "in federated runs yet")
+    import torch
+
+    device = config.train.device
+    gpu = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    if fed.backend == "simulation" and gpu and fed.num_gpus_per_client == 0:
+        raise ConfigError("federated.num_gpus_per_client", f"expected > 0 with train.device "
+                          f"'{config.train.device}' (Ray hides GPUs from workers that reserve none), got 0")
 
 
 def run_inprocess(federation: Any) -> dict[str, Any]:
@@ -65,7 +82,7 @@ def run_simulation(federation: Any) -> dict[str, Any]:
             outcome["error"] = exc
 
     fed = federation.fed
-    backend = {"client_resources": {"num_cpus": fed.num_cpus_per_client, "num_gpus": 0.0},
+    backend = {"client_resources": {"num_cpus": fed.num_cpus_per_client, "num_gpus": fed.num_gpus_per_client},
                "init_args": {"logging_level": "ERROR", "log_to_driver": False, "include_dashboard": False}}
     flower_run_simulation(server_app=server_app, client_app=client_app, num_supernodes=fed.num_clients,
                           backend_config=backend)

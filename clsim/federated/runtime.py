@@ -54,6 +54,19 @@ class Runtime:
                 self._parts[key] = self.fed.partition.build(labels, self.fed.num_clients, seed)
         return self._parts[key]
 
+    def order(self, client: int) -> list[int]:
+        """The experiences in the order ``client`` meets them (``federated.class_order``)."""
+        T = len(self.scenario)
+        if self.fed.class_order == "shared":
+            return list(range(T))
+        return [int(i) for i in np.random.default_rng([self.config.seed, client, 5]).permutation(T)]
+
+    def head_size(self, step: int) -> int:
+        """Classes of the global head at stream step ``step``: seen so far, or all (per-client orders)."""
+        if self.fed.class_order == "shared":
+            return self.scenario.seen_classes(step)
+        return self.scenario.num_classes
+
     def client_experience(self, client: int, index: int) -> Experience:
         """Experience ``index`` as client ``client`` sees it: its partitions of train and test."""
         exp = self.scenario.experiences[index]

@@ -23,7 +23,6 @@ strategy is handed exactly the sampled nodes through :class:`SampledNodes`.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,7 +35,7 @@ from clsim import metrics as M
 from clsim.config import ExperimentConfig
 from clsim.engine.engine import EvalResult, derive_seed
 from clsim.engine.progress import Progress
-from clsim.federated.client import grow_to
+from clsim.federated.client import cpu_state, grow_to
 from clsim.federated.fleet import Tier, online
 from clsim.federated.runtime import Runtime, config_text
 from clsim.federated.state import FedState, load_server, save_server
@@ -44,6 +43,7 @@ from clsim.report.run_folder import write_results
 
 CHECKPOINT = Path("checkpoints") / "last.pt"
 CLIENT_STATE = Path("federated") / "clients"
+WARM_UP = 8  # simulation: nodes queried before round 1, so workers import and load data early
 
 
 @dataclass(frozen=True)
@@ -103,10 +103,12 @@ class Federation:
         progress: bars and log lines.
         resume: continue from ``out_dir/checkpoints/last.pt`` if it exists.
         client_state_dir: where clients keep their strategy state (default under ``out_dir``).
+        assign_clients: simulation: the server assigns client indices to nodes (and sends
+            them in each message) instead of asking every node for its partition id.
     """
 
     def __init__(self, config: ExperimentConfig, out_dir: Path, progress: Progress, *,
-                 resume: bool = False, client_state_dir: str | None = None):
+                 resume: bool = False, client_state_dir: str | None = None, assign_clients: bool = False):
         from clsim.experiment import build_learner
 
         self.config, self.fed, self.out_dir, self.progress = config, config.federated, Path(out_dir), progress
@@ -116,8 +118,11 @@ class Federation:
         self.text = config_text(config)
         self.state_dir = client_state_dir or str((self.out_dir / CLIENT_STATE).resolve())
         self.strategy = self.fed.server.build()
+        for t in range(len(self.rt.scenario)):  # bad partition settings fail now, as input errors
+            self.rt.partition(t, "train")
         self.state = self._restore() if resume else FedState()
         self.nodes: dict[int, NodeInfo] = {}
+        self.assign_clients = assign_clients
         self.flops = 0.0
 
     # ------------------------------------------------------------------ the run
@@ -146,13 +151,24 @@ class Federation:
         return self._finish()
 
     def _discover(self, grid: Any, wait_s: float = 300.0) -> dict[int, NodeInfo]:
-        """Map every client index to its node (one ``query`` message per node)."""
+        """Map every client index to a node.
+
+        On a real federation a node holds its own partition, so every node is asked which one
+        (a ``query`` message each). In simulation the nodes are interchangeable: client k is
+        the k-th node by id and carries its index in each message, which spares N queries
+        (at ~0.1 s of Flower's message round trip each, they dominated runs of 1,000+ clients);
+        a few queries still warm the workers up (imports, data) outside round 1.
+        """
         n, deadline = self.fed.num_clients, time.monotonic() + wait_s
-        while len(node_ids := list(grid.get_node_ids())) < n:
+        while len(node_ids := sorted(grid.get_node_ids())) < n:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"only {len(node_ids)} of {n} Flower nodes connected after {wait_s:.0f} s")
             time.sleep(0.2)
         content = RecordDict({"config": ConfigRecord({"experiment": self.text})})
+        if self.assign_clients:
+            warm = [Message(content, dst_node_id=node, message_type="query") for node in node_ids[:WARM_UP]]
+            list(grid.send_and_receive(warm, timeout=wait_s))
+            return {k: NodeInfo(node_ids[k], k, self.rt.tiers[k]) for k in range(n)}
         queries = [Message(content, dst_node_id=node, message_type="query") for node in node_ids]
         clients = {}
         for reply in grid.send_and_receive(queries, timeout=wait_s):
@@ -168,7 +184,10 @@ class Federation:
     def _grow(self, t: int) -> None:
         # the same seed as a local run's experience t: a one-client federation matches it
         torch.manual_seed(derive_seed(self.config.seed, t))
-        self.learner.model.grow(self.rt.scenario.seen_classes(t))
+        if self.fed.class_order == "shared":
+            self.learner.model.grow(self.rt.scenario.seen_classes(t))
+        elif t == 0:  # per-client orders: any client may meet any class first
+            grow_to(self.learner.model, self.rt.scenario, self.rt.scenario.num_classes)
 
     # ------------------------------------------------------------------ one round
     def sample(self, step: int) -> tuple[list[int], int]:
@@ -179,18 +198,21 @@ class Federation:
         chosen = np.random.default_rng([seed, step, 11]).choice(up, size=size, replace=False) if size else []
         return sorted(int(k) for k in chosen), n - len(up)
 
-    def _message_config(self, t: int, r: int, step: int) -> ConfigRecord:
+    def _message_config(self, t: int, r: int, step: int, clients: list[int]) -> ConfigRecord:
         epochs = self.fed.local_epochs or self.config.train.epochs
-        return ConfigRecord({"experiment": self.text, "experience": t, "round": r, "step": step,
-                             "state-dir": self.state_dir, "local-epochs": epochs})
+        config = {"experiment": self.text, "experience": t, "round": r, "step": step,
+                  "state-dir": self.state_dir, "local-epochs": epochs}
+        if self.assign_clients:  # which node plays which client (node ids exceed int64: strings)
+            config |= {"node-ids": [str(self.nodes[k].node_id) for k in clients], "client-ids": list(clients)}
+        return ConfigRecord(config)
 
     def _round(self, grid: Any, t: int, r: int) -> None:
         R = self.fed.rounds_per_experience
         step, server_round, started = t * (R + 1) + r, t * R + r + 1, time.perf_counter()
         chosen, offline = self.sample(step)
-        arrays = ArrayRecord(self.learner.model.state_dict())
+        arrays = ArrayRecord(cpu_state(self.learner.model))
         view = SampledNodes([self.nodes[k] for k in chosen])
-        messages = list(self.strategy.configure_train(server_round, arrays, self._message_config(t, r, step), view))
+        messages = list(self.strategy.configure_train(server_round, arrays, self._message_config(t, r, step, chosen), view))
         replies = list(grid.send_and_receive(messages, timeout=self.fed.round_timeout_s)) if messages else []
         record = self._sort_replies(messages, replies, chosen)
         kept = record.pop("_kept")
@@ -260,12 +282,14 @@ class Federation:
 
     # ------------------------------------------------------------------ experience boundary
     def _evaluate(self, t: int) -> list[EvalResult]:
-        """The global model on the test sets of experiences 0..t (the server's own data)."""
+        """The global model on the test sets of experiences 0..t (all of them with per-client
+        orders, where every class may have been met); the server's own data."""
         engine, model, strategy = self.learner.engine, self.learner.model, self.learner.strategy
-        strategy.before_task(model, self.rt.scenario.experiences[t])
+        experiences = self.rt.scenario.experiences
+        strategy.before_task(model, experiences[t])
+        seen = experiences[: t + 1] if self.fed.class_order == "shared" else experiences
         return [engine.evaluate(model, strategy, e.test, num_classes=self.rt.scenario.num_classes,
-                                label=f"eval {e.index + 1}/{t + 1}")
-                for e in self.rt.scenario.experiences[: t + 1]]
+                                label=f"eval {e.index + 1}/{len(seen)}") for e in seen]
 
     def _end_experience(self, grid: Any, t: int) -> None:
         """Consolidation on the participants, their own-test accuracy, and the matrix row."""
@@ -273,8 +297,8 @@ class Federation:
         trained = sorted({k for rec in self.state.rounds if rec["experience"] == t
                           for k in rec["aggregated"] + rec["stragglers"] + rec["empty"]})
         step = t * (R + 1) + R
-        arrays = ArrayRecord(self.learner.model.state_dict())
-        content = RecordDict({"arrays": arrays, "config": self._message_config(t, R, step)})
+        arrays = ArrayRecord(cpu_state(self.learner.model))
+        content = RecordDict({"arrays": arrays, "config": self._message_config(t, R, step, trained)})
         messages = [Message(content, dst_node_id=self.nodes[k].node_id, message_type="evaluate.consolidate")
                     for k in trained]
         replies = list(grid.send_and_receive(messages, timeout=self.fed.round_timeout_s)) if messages else []
@@ -292,7 +316,7 @@ class Federation:
                                          "timed_out": [k for k in trained if k not in answered],
                                          "bytes_down": bytes_of(content) * len(messages)})
         evals = self._evaluate(t)
-        self.state.rows.append([e.accuracy for e in evals] + [None] * (T - t - 1))
+        self.state.rows.append([e.accuracy for e in evals] + [None] * (T - len(evals)))
         last = [rec for rec in self.state.rounds if rec["experience"] == t][-1]
         self.state.losses.append(last["train_loss"])
         self._final_evals = evals
