@@ -239,7 +239,9 @@ def parse_config(raw: dict[str, Any], *, base_dir: Path | None = None) -> Experi
     _check_consistency(config)
     # Strategies are cheap to construct and check their own arguments' ranges (e.g. a
     # negative lambda), so build one now: the error surfaces at validate time, not mid-run.
-    _check_teacher(config, config.strategy.build())
+    strategy = config.strategy.build()
+    _check_model(config, strategy)
+    _check_teacher(config, strategy)
     return config
 
 
@@ -279,6 +281,15 @@ def parse_teacher(raw: Any, train: TrainConfig, base_dir: Path | None) -> Teache
     except ConfigError as exc:  # TrainConfig's own range checks name "train.KEY"
         raise ConfigError(f"teacher.{exc.path}", exc.message) from None
     return TeacherConfig(model=model, strategy=strategy, train=teacher_train, checkpoint=checkpoint)
+
+
+def _check_model(config: ExperimentConfig, strategy: Any) -> None:
+    """A strategy that trains one registered model (``required_model``) gets it: caught here,
+    before any data loads or a teacher trains, rather than in ``setup`` mid-run."""
+    required = getattr(strategy, "required_model", None)
+    if required is not None and config.model.name != required:
+        raise ConfigError("model.name", f"strategy '{config.strategy.name}' trains the '{required}' model, "
+                                        f"got '{config.model.name}'")
 
 
 def _check_teacher(config: ExperimentConfig, strategy: Any) -> None:

@@ -390,3 +390,15 @@ def test_cli_keep_models_makes_a_run_usable_as_a_teacher(tmp_path):
     metrics = clsim.experiment.run(parse_config(student), tmp_path / "s", quiet=True)
     assert metrics["teacher"]["accuracy_per_experience"] == pytest.approx(
         json.loads((tmp_path / "t" / "metrics.json").read_text())["accuracy_matrix"][-1])
+
+
+def test_a_model_the_strategy_cannot_train_fails_before_the_teacher_trains(tmp_path, capsys):
+    raw = lt_config()
+    raw["model"] = {"name": "vit", "embed_dim": 16, "depth": 1, "num_heads": 2}
+    path = tmp_path / "lt.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    assert cli_main(["validate", str(path)]) == 2
+    assert cli_main(["run", str(path), "--out", str(tmp_path / "run"), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == "clsim: error: model.name: strategy 'deit_lt' trains the 'deit' model, got 'vit'"
+    assert not (tmp_path / "run").exists()  # no teacher was trained
