@@ -49,10 +49,14 @@ def register_control() -> None:
     import torch.nn.functional as F
     from torch.func import functional_call
 
-    from clsim.federated.substrategies import SubModelStrategy, num_classes_of, public_batch, sub_model_factory
+    from clsim.federated.substrategies import SubModelStrategy, num_classes_of, public_batch
     from clsim.registry import SERVER_STRATEGIES
 
     class FineTunedHeteroFL(SubModelStrategy):
+        """HeteroFL + server fine-tuning on the public set (the benchmark's control)."""
+
+        uses_public_data = True
+
         def __init__(self, *, steps: int = 25, batch_size: int = 64, lr: float = 1e-3):
             super().__init__()
             self.steps, self.batch_size, self.lr = steps, batch_size, lr
@@ -73,13 +77,8 @@ def register_control() -> None:
                 optimizer.step()
             return new | {k: v.detach() for k, v in params.items()}
 
-    @sub_model_factory(public_data=True)
-    def heterofl_ft(*, steps: int = 25, batch_size: int = 64, lr: float = 1e-3) -> SubModelStrategy:
-        """HeteroFL + server fine-tuning on the public set (the benchmark's control)."""
-        return FineTunedHeteroFL(steps=steps, batch_size=batch_size, lr=lr)
-
     if "heterofl_ft" not in SERVER_STRATEGIES:
-        SERVER_STRATEGIES.add("heterofl_ft", heterofl_ft)
+        SERVER_STRATEGIES.add("heterofl_ft", FineTunedHeteroFL)
 
 
 def experiment(server: dict[str, Any], seed: int, args: argparse.Namespace) -> dict[str, Any]:

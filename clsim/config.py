@@ -226,16 +226,30 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> ExperimentConfig
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
-    """The YAML mapping in ``path``; a ConfigError naming the file otherwise."""
+    """The YAML mapping in ``path``; a ConfigError naming the file otherwise.
+
+    The file is decoded as UTF-8 (YAML 1.2's default encoding) whatever the locale, so a config
+    reads the same on every machine, and a binary file is a one-line error, not a traceback.
+    """
     path = Path(path)
     if not path.is_file():
         raise ConfigError(str(path), "config file not found")
     try:
-        raw = yaml.safe_load(path.read_text())
+        text = path.read_bytes().decode("utf-8")
+    except OSError as exc:
+        raise ConfigError(str(path), f"cannot read the config file: {exc.strerror or exc}")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(str(path), f"not a text file (UTF-8): byte 0x{exc.object[exc.start]:02x} at offset "
+                                     f"{exc.start} is not UTF-8; an experiment file is YAML text")
+    try:
+        raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark else ""
-        raise ConfigError(str(path), f"not valid YAML{where}: {getattr(exc, 'problem', exc)}")
+        position = getattr(exc, "position", None)  # a ReaderError (e.g. a NUL byte) has no mark
+        where = f" at line {mark.line + 1}" if mark else f" at character {position}" if position is not None else ""
+        # str(exc) spans several lines; the CLI prints one.
+        problem = " ".join(str(getattr(exc, "problem", None) or getattr(exc, "reason", None) or exc).split())
+        raise ConfigError(str(path), f"not valid YAML{where}: {problem}")
     if not isinstance(raw, dict):
         raise ConfigError(str(path), "expected a YAML mapping of sections at the top level")
     return raw
@@ -336,7 +350,7 @@ def parse_teacher(raw: Any, train: TrainConfig, base_dir: Path | None) -> Teache
 def _check_model(config: ExperimentConfig, strategy: Any) -> None:
     """A strategy that trains one registered model (``required_model``) gets it: caught here,
     before any data loads or a teacher trains, rather than in ``setup`` mid-run."""
-    required = getattr(strategy, "required_model", None)
+    required = strategy.required_model
     if required is not None and config.model.name != required:
         raise ConfigError("model.name", f"strategy '{config.strategy.name}' trains the '{required}' model, "
                                         f"got '{config.model.name}'")
@@ -344,7 +358,7 @@ def _check_model(config: ExperimentConfig, strategy: Any) -> None:
 
 def _check_teacher(config: ExperimentConfig, strategy: Any) -> None:
     """A teacher section exactly when the strategy distils from one."""
-    uses = getattr(strategy, "uses_teacher", False)
+    uses = strategy.uses_teacher
     if uses and config.teacher is None:
         raise ConfigError("teacher", f"strategy '{config.strategy.name}' distils from a teacher: add a 'teacher:' "
                                      f"section (model and training, or a checkpoint)")

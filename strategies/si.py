@@ -24,11 +24,11 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.data import Dataset
 
 from clsim import Registry, Strategy
 from clsim.errors import ConfigError
-from clsim.scenarios.base import Experience
-from clsim.strategies.base import Batches
+from clsim.strategies.base import Batches, Task
 from clsim.strategies.params import ParamSpec, overlap, select_parameters
 
 Tensors = dict[str, torch.Tensor]
@@ -101,14 +101,15 @@ class SI(Strategy):
     def setup(self, model: nn.Module) -> None:
         self.names = select_parameters(model, self.params)
 
-    def before_task(self, model: nn.Module, experience: Experience) -> None:
-        super().before_task(model, experience)
+    def before_task(self, model: nn.Module, task: Task) -> Dataset:
+        data = super().before_task(model, task)
         self.start = self.snapshot(model)  # after the head grew: the task's full shapes
         self.omega = {n: torch.zeros_like(t) for n, t in self.start.items()}
         self.step_params, self.step_grads = {}, {}
+        return data
 
-    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, output: Any) -> torch.Tensor:
-        ce = super().loss(model, x, y, output)
+    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, extra: Any = None) -> torch.Tensor:
+        ce = super().loss(model, x, y, extra)
         if not self.anchor or self.lambda_ == 0:
             return ce
         return ce + self.lambda_ * self.penalty(model)  # eq. 4
@@ -125,11 +126,15 @@ class SI(Strategy):
             self.step_params[n] = p.detach().clone()
 
     @torch.no_grad()
-    def after_task(self, model: nn.Module, experience: Experience, batches: Batches) -> None:
+    def after_task(self, model: nn.Module, task: Task, batches: Batches) -> None:
         params = dict(model.named_parameters())
         self.accumulate(params)  # the task's last update
         end = self.snapshot(model)
         for n, theta in end.items():
+            if n not in self.omega:
+                # no path integral on this instance (a federated client consolidates on a strategy
+                # restored from its saved state, which holds no within-task state): nothing to add
+                self.omega[n], self.start[n] = torch.zeros_like(theta), theta
             # eq. 5: Omega_k += omega_k / (Delta_k^2 + xi), Delta_k = theta_k(end) - theta_k(start).
             new = self.omega[n] / ((theta - self.start[n]).pow(2) + self.xi)
             if n in self.importance:

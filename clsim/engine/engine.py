@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -21,7 +22,10 @@ from clsim.data.base import supports_batches
 from clsim.engine.progress import Progress
 from clsim.engine.sam import SAM, frozen_batchnorm_stats
 from clsim.errors import ConfigError
-from clsim.strategies.base import Strategy
+from clsim.strategies.base import Strategy, split_prediction
+
+LossTerm = Callable[[nn.Module], torch.Tensor]
+"""An extra loss term of the model's weights, added at every step (e.g. FedProx's proximal term)."""
 
 
 AFTER_TASK = 2_000_003  # derive_seed tag of the after_task pass (local runs and federated consolidation)
@@ -46,7 +50,7 @@ class EvalResult:
     """Per-class correct / total counts on one test set (index = learner label).
 
     ``variants`` holds per-class correct counts of the strategy's alternative predictions
-    (:meth:`Strategy.predict_with_variants`), by name; ``total`` is shared.
+    (:meth:`Strategy.predict` returning ``(logits, {name: logits})``), by name; ``total`` is shared.
     """
 
     correct: np.ndarray
@@ -92,58 +96,65 @@ class Engine:
         for x, y in loader:
             yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
-    def fit(self, model: nn.Module, strategy: Strategy, dataset: Dataset, *, experience: int, label: str) -> float:
-        """Train on ``dataset`` for the configured epochs; returns the last epoch's mean loss."""
+    def fit(self, model: nn.Module, strategy: Strategy, dataset: Dataset, *, experience: int, label: str,
+            epochs: int | None = None, terms: Sequence[LossTerm] = ()) -> float:
+        """Train on ``dataset`` for ``epochs`` (default: the configured ones); returns the last
+        epoch's mean loss. ``terms`` are added to the strategy's loss at every step (FedProx's
+        proximal term); ``experience`` names the seed stream of batches, dropout and augmentation."""
+        epochs = epochs or self.train.epochs
         torch.manual_seed(derive_seed(self.seed, experience, 1_000_003))  # dropout, augmentation
         optimizer = self._optimizer(model)
         steps_per_epoch = math.ceil(len(dataset) / self.train.batch_size)
-        schedule = self._schedule(optimizer, steps_per_epoch * self.train.epochs)
-        bar = self.progress.bar(label, steps_per_epoch * self.train.epochs)
+        schedule = self._schedule(optimizer, steps_per_epoch * epochs)
+        bar = self.progress.bar(label, steps_per_epoch * epochs)
         model.train()
         mean_loss = float("nan")
-        for epoch in range(self.train.epochs):
+        for epoch in range(epochs):
             total, count = 0.0, 0
-            strategy.before_epoch(model, epoch, self.train.epochs, steps_per_epoch)
+            strategy.before_epoch(model, epoch, epochs, steps_per_epoch)
             seed = derive_seed(self.seed, experience, epoch)
             for x, y in self.batches(dataset, batch_size=self.train.batch_size, shuffle=True, seed=seed):
-                loss = self.step(model, strategy, optimizer, x, y)
+                loss = self.step(model, strategy, optimizer, x, y, terms=terms)
                 schedule.step()
                 if self.on_step is not None:
                     self.on_step(loss)
                 total, count = total + loss * len(y), count + len(y)
-                bar.advance(info=f"epoch {epoch + 1}/{self.train.epochs} loss {loss:.3f}")
+                bar.advance(info=f"epoch {epoch + 1}/{epochs} loss {loss:.3f}")
             mean_loss = total / max(count, 1)
         bar.close()
         return mean_loss
 
     def step(self, model: nn.Module, strategy: Strategy, optimizer: torch.optim.Optimizer,
-             x: torch.Tensor, y: torch.Tensor) -> float:
+             x: torch.Tensor, y: torch.Tensor, *, terms: Sequence[LossTerm] = ()) -> float:
         """One optimisation step through the strategy's hooks; returns the loss value.
 
         With ``train.sam_rho > 0`` the step uses SAM's gradient (see :meth:`_sam_gradient`);
         the loss returned is still the one at the current weights.
         """
-        x, y = strategy.prepare_batch(x, y)
-        loss = self._backward(model, strategy, optimizer, x, y)
+        batch = strategy.prepare_batch(x, y)
+        loss = self._backward(model, strategy, optimizer, batch, terms)
         if self.train.sam_rho > 0:
-            self._sam_gradient(model, strategy, optimizer, x, y)
+            self._sam_gradient(model, strategy, optimizer, batch, terms)
         strategy.after_backward(model)
         optimizer.step()
         strategy.after_step(model)
         return float(loss.detach())
 
     def _backward(self, model: nn.Module, strategy: Strategy, optimizer: torch.optim.Optimizer,
-                  x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Forward, loss and backward through the strategy's hooks; the gradient replaces the last one."""
+                  batch: tuple[torch.Tensor, torch.Tensor, Any], terms: Sequence[LossTerm]) -> torch.Tensor:
+        """Forward and loss through the strategy's hook, plus ``terms``, and backward; the
+        gradient replaces the last one."""
+        x, y, extra = batch
         with self._autocast():
-            output = strategy.forward(model, x)
-            loss = strategy.loss(model, x, y, output)
+            loss = strategy.loss(model, x, y, extra)
+            for term in terms:
+                loss = loss + term(model)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         return loss
 
     def _sam_gradient(self, model: nn.Module, strategy: Strategy, optimizer: torch.optim.Optimizer,
-                      x: torch.Tensor, y: torch.Tensor) -> None:
+                      batch: tuple[torch.Tensor, torch.Tensor, Any], terms: Sequence[LossTerm]) -> None:
         """Replace the gradient at w by the one at w + e_w, then put w back exactly (SAM, eq. 2).
 
         ``after_backward`` then runs once, on this final gradient and at the restored weights:
@@ -155,7 +166,7 @@ class Engine:
         sam = SAM(optimizer, rho=self.train.sam_rho, adaptive=self.train.sam_adaptive)
         sam.perturb()
         with frozen_batchnorm_stats(model):  # running statistics stay those of w, not w + e_w
-            self._backward(model, strategy, optimizer, x, y)
+            self._backward(model, strategy, optimizer, batch, terms)
         sam.restore()
 
     @torch.no_grad()
@@ -168,7 +179,7 @@ class Engine:
         bar = self.progress.bar(label, math.ceil(len(dataset) / self.train.eval_batch_size), transient=True)
         for x, y in self.batches(dataset, batch_size=self.train.eval_batch_size):
             with self._autocast():
-                logits, variants = strategy.predict_with_variants(model, x)
+                logits, variants = split_prediction(strategy.predict(model, x))
             total += torch.bincount(y.cpu(), minlength=num_classes)
             for name, out in {"": logits, **variants}.items():
                 hit = (out.argmax(dim=1) == y).cpu().long()

@@ -15,6 +15,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from clsim.federated.base import FlowerStrategy, ServerStrategy
+
+__all__ = ["FlowerStrategy", "ServerStrategy", "run"]
+
 
 def run(config: Any, out_dir: Path, *, resume: bool = False, quiet: bool = False) -> dict[str, Any]:
     """Run a federated experiment into ``out_dir`` (see :func:`clsim.federated.runner.run`)."""

@@ -4,11 +4,13 @@ Three message handlers (``flwr.clientapp.ClientApp``, Message API):
 
 - ``query``: which partition (client index) this node holds; the server maps nodes to clients.
 - ``train``: load the global model, rebuild the client's CL strategy from its saved state,
-  train the local partition of the current experience with :class:`~clsim.engine.engine.Engine`
-  (the same loop as a local run), save the strategy state, reply with the weights.
-- ``evaluate.consolidate``: at the end of an experience, with the final global model: the
-  strategy's ``after_task`` (EWC's Fisher, LwF's teacher, L2's anchor) on the local partition,
-  and the accuracy on the client's own test data of all seen experiences.
+  :meth:`Learner.learn <clsim.learner.Learner.learn>` on the local partition of the current
+  experience (the same code path as a local run; FedProx's proximal term is an extra loss
+  term), save the strategy state, reply with the weights.
+- ``evaluate.consolidate``: at the end of an experience, with the final global model:
+  :meth:`Learner.consolidate <clsim.learner.Learner.consolidate>` (EWC's Fisher, LwF's teacher,
+  L2's anchor) on the local partition, and the accuracy on the client's own test data of all
+  seen experiences.
 
 The resolved experiment config travels in every message, so this app needs nothing else: it
 runs unchanged in Flower's simulation engine, in-process, and on real SuperNodes.
@@ -17,7 +19,6 @@ runs unchanged in Flower's simulation engine, in-process, and on real SuperNodes
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -27,14 +28,13 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 from torch import nn
 
-from clsim.engine.engine import AFTER_TASK, Engine, derive_seed
 from clsim.federated.fleet import Tier, injected_fault
-from clsim.federated.proximal import Proximal
+from clsim.federated.proximal import proximal_term
 from clsim.federated.runtime import Runtime, runtime
 from clsim.federated.state import ClientStore
 from clsim.federated.submodels import build_submodel
-from clsim.scenarios.base import Scenario
-from clsim.strategies.base import Strategy
+from clsim.learner import Learner
+from clsim.scenarios.base import Experience
 
 app = ClientApp()
 
@@ -61,6 +61,12 @@ class Job:
     def tier(self) -> Tier:
         return self.rt.tiers[self.client]
 
+    def experiences(self) -> tuple[Experience, list[Experience]]:
+        """This client's partition of the current experience and of the ones it met before."""
+        order = self.rt.order(self.client)
+        exp = self.rt.client_experience(self.client, order[self.experience])
+        return exp, [self.rt.client_experience(self.client, i) for i in order[: self.experience]]
+
 
 def _job(msg: Message, context: Context) -> Job:
     cfg = msg.content["config"]
@@ -83,46 +89,30 @@ def cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu() for k, v in model.state_dict().items()}
 
 
-def grow_to(model: nn.Module, scenario: Scenario, num_classes: int) -> None:
-    """Grow the head one experience at a time (per-task parts need it) up to ``num_classes``."""
-    for index in range(len(scenario)):
-        seen = scenario.seen_classes(index)
-        if seen > num_classes:
-            break
-        if seen > model.num_classes:
-            model.grow(seen)
-
-
-def build_local(job: Job, global_state: dict[str, torch.Tensor]) -> tuple[nn.Module, Strategy]:
-    """The global model (or the sub-model it was sent) and this client's strategy, restored from its
-    newest earlier state."""
+def build_local(job: Job, global_state: dict[str, torch.Tensor]) -> Learner:
+    """This client's :class:`~clsim.learner.Learner`: the global model (or the sub-model it was
+    sent) and its strategy, restored from its newest earlier state."""
     config, scenario = job.rt.config, job.rt.scenario
     torch.manual_seed(config.seed)
     # a sub-model strategy (HeteroFL, FedConv) sends this client's tier a width-scaled model
     model = build_submodel(config.model, scenario.input_shape, float(job.config.get("model-ratio", 1.0)))
-    strategy = config.strategy.build()
-    strategy.setup(model)
+    learner = Learner.build(config, scenario=scenario, model=model)
     saved = job.store.load(before=job.step)
     if saved is not None:
         # the state was saved with the head of its own experience (an LwF teacher has that shape)
-        grow_to(model, scenario, saved["num_classes"])
-        strategy.load_state_dict(saved["strategy"])
+        learner.grow_to(saved["num_classes"])
+        learner.strategy.load_state_dict(saved["strategy"])
         job.state_classes = saved["num_classes"]
-    grow_to(model, scenario, job.rt.head_size(job.experience))
-    model.load_state_dict(global_state)
-    return model.to(_engine(job).device), strategy
+    learner.grow_to(job.rt.head_size(job.experience))
+    learner.model.load_state_dict(global_state)
+    return learner
 
 
-def _engine(job: Job, epochs: int | None = None) -> Engine:
-    train = job.rt.config.train
-    return Engine(dataclasses.replace(train, epochs=epochs or train.epochs), seed=job.rt.config.seed)
-
-
-def _save(job: Job, model: nn.Module, strategy: Strategy, num_classes: int) -> None:
+def _save(job: Job, learner: Learner, num_classes: int) -> None:
     """Save the strategy state with the head size it was taken at (``num_classes``), which
     :func:`build_local` grows a fresh model to before loading it (an LwF teacher has that shape)."""
     job.store.save(job.step, {"num_classes": num_classes, "experience": job.experience,
-                              "strategy": strategy.state_dict()})
+                              "strategy": learner.strategy.state_dict()})
 
 
 def _enact_fault(job: Job) -> float:
@@ -177,28 +167,21 @@ def train(msg: Message, context: Context) -> Message:
 def _train(job: Job, msg: Message) -> Message:
     delay = _enact_fault(job)
     started = time.perf_counter()
-    model, strategy = build_local(job, msg.content["arrays"].to_torch_state_dict())
+    learner = build_local(job, msg.content["arrays"].to_torch_state_dict())
     mu = float(job.config.get("proximal-mu", 0.0))
-    if mu > 0:
-        strategy = Proximal(strategy, mu=mu, model=model)
-    rt, order = job.rt, job.rt.order(job.client)
-    exp = rt.client_experience(job.client, order[job.experience])
-    past = [rt.client_experience(job.client, i) for i in order[: job.experience]]
-    strategy.before_task(model, exp)
-    data = strategy.train_dataset(exp, past)
-    loss, epochs = float("nan"), int(job.config["local-epochs"])
-    if len(data):
-        engine = _engine(job, epochs)
-        stream = rt.stream_id(job.client, job.experience, job.round)
-        loss = engine.fit(model, strategy, data, experience=stream, label="local")
+    terms = [proximal_term(learner.model, mu=mu)] if mu > 0 else []
+    exp, past = job.experiences()
+    epochs = int(job.config["local-epochs"])
+    stream = job.rt.stream_id(job.client, job.experience, job.round)
+    loss, examples = learner.learn(exp, past, stream=stream, epochs=epochs, terms=terms, label="local")
     # local training leaves what a strategy keeps across experiences (made in after_task) as it was
     # restored: saved with that head, not the grown one, or a teacher of the old head would be
     # loaded into a copy of the grown model next round
-    _save(job, model, strategy, job.state_classes or model.num_classes)
-    metrics = MetricRecord({"num-examples": len(data), "train-loss": loss, "local-epochs": epochs,
+    _save(job, learner, job.state_classes or learner.model.num_classes)
+    metrics = MetricRecord({"num-examples": examples, "train-loss": loss, "local-epochs": epochs,
                             "partition-id": job.client, "delay-s": delay,
                             "wall-s": time.perf_counter() - started})
-    arrays = ArrayRecord(cpu_state(model))
+    arrays = ArrayRecord(cpu_state(learner.model))
     return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
 
 
@@ -211,21 +194,14 @@ def consolidate(msg: Message, context: Context) -> Message:
 
 
 def _consolidate(job: Job, msg: Message) -> Message:
-    model, strategy = build_local(job, msg.content["arrays"].to_torch_state_dict())
+    learner = build_local(job, msg.content["arrays"].to_torch_state_dict())
+    exp, past = job.experiences()
+    learner.consolidate(exp, past, step=job.experience)  # the stream step's seed, as a local run
+    _save(job, learner, learner.model.num_classes)  # after_task's state: the current head
     rt, order = job.rt, job.rt.order(job.client)
-    exp = rt.client_experience(job.client, order[job.experience])
-    strategy.before_task(model, exp)
-    engine = _engine(job)
-    torch.manual_seed(derive_seed(job.rt.config.seed, job.experience, AFTER_TASK))  # as a local run
-    if len(exp.train):
-        strategy.after_task(model, exp, lambda: engine.batches(exp.train, batch_size=engine.train.batch_size))
-    _save(job, model, strategy, model.num_classes)  # after_task's state: the current head
-    correct = total = 0
-    for i in order[: job.experience + 1]:
-        test = rt.client_experience(job.client, i).test
-        if len(test):
-            result = engine.evaluate(model, strategy, test, num_classes=rt.scenario.num_classes)
-            correct, total = correct + int(result.correct.sum()), total + int(result.total.sum())
+    tests = [e for e in (rt.client_experience(job.client, i) for i in order[: job.experience + 1]) if len(e.test)]
+    results = learner.evaluate(tests)
+    correct, total = sum(int(r.correct.sum()) for r in results), sum(int(r.total.sum()) for r in results)
     metrics = MetricRecord({"num-examples": total, "correct": correct, "partition-id": job.client,
                             "accuracy": correct / total if total else 0.0})
     return Message(RecordDict({"metrics": metrics}), reply_to=msg)

@@ -147,18 +147,22 @@ def parse_federated(raw: Any, base_dir: Path | None = None) -> FederatedConfig:
 
 
 def _check_server_arguments(server: Any) -> None:
-    """The server strategy's factory checks its arguments now (``clsim validate``, the sweep's
-    pre-check), not after the run has loaded its data; Flower is neither needed nor imported."""
-    from clsim.federated.server_strategies import check_arguments
+    """The server strategy is a :class:`~clsim.federated.base.ServerStrategy` and checks its
+    arguments now (``clsim validate``, the sweep's pre-check), not after the run has loaded its
+    data; constructing one needs neither Flower nor torch."""
+    from clsim.federated.base import ServerStrategy
 
-    check_arguments(server)
+    if not (isinstance(server.factory, type) and issubclass(server.factory, ServerStrategy)):
+        key = "federated.server.plugin" if server.plugin else "federated.server.name"
+        raise ConfigError(key, f"expected a subclass of clsim.federated.base.ServerStrategy, got {server.factory!r}")
+    server.build()
 
 
 def check_with_strategy(federated: FederatedConfig, strategy: Any) -> None:
     """Checks that need the built CL strategy: FedRolex shifts every sub-model's window each round,
     so per-parameter state (EWC/L2 anchors and Fisher, SI importances) that a client saved in its
     sub-model's index space would later be applied to different global channels."""
-    if federated.server.name == "fedrolex" and getattr(strategy, "keeps_parameter_state", False):
+    if federated.server.name == "fedrolex" and strategy.keeps_parameter_state:
         raise ConfigError("federated.server.name", "fedrolex rolls each client's sub-model window every round, so "
                           "the strategy's per-parameter state (anchors, importances) would point at other "
                           "channels: use heterofl or fedconv, or a strategy without it (finetune, lwf)")
@@ -167,7 +171,7 @@ def check_with_strategy(federated: FederatedConfig, strategy: Any) -> None:
 def check_with_model(federated: FederatedConfig, model: Any) -> None:
     """Checks that need the experiment's ``model`` section too: a sub-model server strategy
     (HeteroFL, FedRolex, FedConv, ...) needs a model whose widths it can scale."""
-    if getattr(federated.server.factory, "sub_models", False):
+    if federated.server.factory.sub_models:
         from clsim.federated.submodels import check_model
 
         check_model(model, federated.server.name)
@@ -175,7 +179,7 @@ def check_with_model(federated: FederatedConfig, model: Any) -> None:
 
 def _public_fraction(value: float | None, server: Any) -> float:
     """The resolved ``public_fraction``: 0.05 by default for strategies that learn on the server."""
-    learns = getattr(server.factory, "uses_public_data", False)
+    learns = server.factory.uses_public_data
     if value is None:
         return 0.05 if learns else 0.0
     if learns and value == 0:

@@ -56,7 +56,7 @@ from torch.func import functional_call
 
 from clsim.errors import ConfigError
 from clsim.federated.submodels import aggregate_windows, coverage, slice_state
-from clsim.federated.substrategies import SubModelStrategy, Update, num_classes_of, public_batch, sub_model_factory
+from clsim.federated.substrategies import SubModelStrategy, Update, num_classes_of, public_batch
 from clsim.registry import SERVER_STRATEGIES
 
 UNCOVERED = -6.0
@@ -135,8 +135,13 @@ def dilate(t: torch.Tensor, kernel: torch.Tensor, global_shape: tuple[int, ...])
 
 
 # ---------------------------------------------------------------------- the strategy
+@SERVER_STRATEGIES.register("fedconv")
 class FedConv(SubModelStrategy):
-    """FedConv's server: learned compression, dilation and aggregation (see the module docstring).
+    """FedConv (Shen et al., MobiSys 2024): learned convolutional compression, dilation, aggregation.
+
+    Sub-models are the global weights convolved with learned kernels; the server dilates them
+    back by transposed convolution and mixes them with learned element-wise weights, all
+    learnt on the server's public set (see the module docstring).
 
     Args:
         steps: public-set batches per learning phase per round (compression per tier, dilation
@@ -330,26 +335,3 @@ def _call(model: torch.nn.Module, state: dict[str, torch.Tensor], x: torch.Tenso
     model.train()
     bound = {k: v if v.requires_grad or v.grad_fn is not None else v.clone() for k, v in state.items()}
     return functional_call(model, bound, (x,))
-
-
-@SERVER_STRATEGIES.register("fedconv")
-@sub_model_factory(public_data=True)
-def fedconv(*, steps: int = 5, batch_size: int = 64, lr: float = 1e-3,
-            aggregation: Literal["learned", "mean"] = "learned",
-            weighting: Literal["examples", "uniform"] = "examples", bounded: bool = True) -> FedConv:
-    """FedConv (Shen et al., MobiSys 2024): learned convolutional compression, dilation, aggregation.
-
-    Sub-models are the global weights convolved with learned kernels; the server dilates them
-    back by transposed convolution and mixes them with learned element-wise weights.
-
-    Args:
-        steps: public-set batches per learning phase per round (bounds the server's work).
-        batch_size: public-set examples per batch.
-        lr: Adam learning rate of the kernels and aggregation weights.
-        aggregation: 'learned' (element-wise softmax weights) or 'mean' (example-weighted).
-        weighting: 'examples' or 'uniform' client weights.
-        bounded: L1-normalise every kernel (compression and dilation never grow a weight); false
-            uses raw kernels, as learnt.
-    """
-    return FedConv(steps=steps, batch_size=batch_size, lr=lr, aggregation=aggregation, weighting=weighting,
-                   bounded=bounded)

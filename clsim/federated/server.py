@@ -32,18 +32,15 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 
-from clsim import metrics as M
 from clsim.config import ExperimentConfig
 from clsim.engine.engine import EvalResult, derive_seed
 from clsim.engine.progress import Progress
-from clsim.federated.client import cpu_state, grow_to
+from clsim.federated.client import cpu_state
 from clsim.federated.fleet import Tier, online
 from clsim.federated.runtime import Runtime, config_text
 from clsim.federated.state import FedState, load_server, save_server
-from clsim.report.run_folder import write_results
-
-CHECKPOINT = Path("checkpoints") / "last.pt"
-CLIENT_STATE = Path("federated") / "clients"
+from clsim.learner import Learner, finish, grow_model, record_row
+from clsim.report.run_folder import CHECKPOINT, CLIENT_STATE
 WARM_UP = 8  # simulation: nodes queried before round 1, so workers import and load data early
 PUBLIC_STREAM = 7_000_001  # derive_seed stream of the public set's reads (sources that always augment)
 
@@ -126,10 +123,8 @@ class Federation:
 
     def __init__(self, config: ExperimentConfig, out_dir: Path, progress: Progress, *,
                  resume: bool = False, client_state_dir: str | None = None, assign_clients: bool = False):
-        from clsim.experiment import build_learner
-
         self.config, self.fed, self.out_dir, self.progress = config, config.federated, Path(out_dir), progress
-        self.learner = build_learner(config, progress)
+        self.learner = Learner.build(config, progress)
         tiers = self.fed.fleet.assign(self.fed.num_clients, config.seed)
         self.rt = Runtime(config, self.learner.scenario, tiers)
         self.text = config_text(config)
@@ -203,7 +198,7 @@ class Federation:
         """Give a sub-model strategy (HeteroFL, FedConv, ...) its context; a strategy whose
         global model is narrower than the configured one (``fedavg_smallest``) gets it built."""
         self._public_cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        if not hasattr(self.strategy, "bind"):
+        if not self.strategy.server_work:
             return
         from clsim.federated.substrategies import ServerContext
         from clsim.federated.submodels import build_submodel
@@ -212,8 +207,8 @@ class Federation:
         self.strategy.bind(ServerContext(
             model=self.config.model, input_shape=scenario.input_shape,
             ratios=[t.model_size_ratio for t in self.fed.fleet.tiers],
-            grow=lambda model, n: grow_to(model, scenario, n), public=self._public, seed=self.config.seed))
-        ratio = getattr(self.strategy, "global_ratio", 1.0)
+            grow=lambda model, n: grow_model(model, scenario, n), public=self._public, seed=self.config.seed))
+        ratio = self.strategy.global_ratio
         if ratio < 1.0:
             torch.manual_seed(self.config.seed)
             model = build_submodel(self.config.model, scenario.input_shape, ratio).to(self.learner.engine.device)
@@ -246,9 +241,7 @@ class Federation:
 
     def client_ratio(self, k: int) -> float:
         """Width of client ``k``'s model relative to the configured model (1 without sub-models)."""
-        if hasattr(self.strategy, "client_ratio"):
-            return self.strategy.client_ratio(self.rt.tiers[k])
-        return 1.0
+        return self.strategy.client_ratio(self.rt.tiers[k])
 
     def client_flops(self, k: int) -> float:
         """FLOPs for client ``k`` to train on one example: its own (sub-)model's, per width."""
@@ -260,17 +253,14 @@ class Federation:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(self.config.seed)
                 model = build_submodel(self.config.model, self.rt.scenario.input_shape, ratio)
-                grow_to(model, self.rt.scenario, self.learner.model.num_classes)
+                grow_model(model, self.rt.scenario, self.learner.model.num_classes)
             self.flops[ratio] = training_flops(model, self.rt.scenario.input_shape)
         return self.flops[ratio]
 
     def _grow(self, t: int) -> None:
-        # the same seed as a local run's experience t: a one-client federation matches it
-        torch.manual_seed(derive_seed(self.config.seed, t))
-        if self.fed.class_order == "shared":
-            self.learner.model.grow(self.rt.scenario.seen_classes(t))
-        elif t == 0:  # per-client orders: any client may meet any class first
-            grow_to(self.learner.model, self.rt.scenario, self.rt.scenario.num_classes)
+        # the same seeds as a local run's growth: a one-client federation matches it; with
+        # per-client orders any client may meet any class first, so the head has them all
+        self.learner.grow_to(self.rt.head_size(t))
 
     # ------------------------------------------------------------------ one round
     def sample(self, step: int) -> tuple[list[int], int]:
@@ -314,7 +304,7 @@ class Federation:
                    "accuracy": None if evals is None else float(np.mean([e.accuracy for e in evals])),
                    "accuracy_per_experience": None if evals is None else [e.accuracy for e in evals],
                    "wall_time_s": round(time.perf_counter() - started, 3)}
-        if hasattr(self.strategy, "bind"):  # strategies that work on the server: wall seconds of that work
+        if self.strategy.server_work:  # strategies that work on the server: wall seconds of that work
             record["server_s"] = round(server_s, 4)
         self.state.rounds.append(record)
         self._log_round(record)
@@ -374,12 +364,8 @@ class Federation:
     def _evaluate(self, t: int) -> list[EvalResult]:
         """The global model on the test sets of experiences 0..t (all of them with per-client
         orders, where every class may have been met); the server's own data."""
-        engine, model, strategy = self.learner.engine, self.learner.model, self.learner.strategy
         experiences = self.rt.scenario.experiences
-        strategy.before_task(model, experiences[t])
-        seen = experiences[: t + 1] if self.fed.class_order == "shared" else experiences
-        return [engine.evaluate(model, strategy, e.test, num_classes=self.rt.scenario.num_classes,
-                                label=f"eval {e.index + 1}/{len(seen)}") for e in seen]
+        return self.learner.evaluate(experiences[: t + 1] if self.fed.class_order == "shared" else experiences)
 
     def _end_experience(self, grid: Any, t: int) -> None:
         """Consolidation on the participants, their own-test accuracy, and the matrix row."""
@@ -407,10 +393,9 @@ class Federation:
                                          "timed_out": [k for k in trained if k not in answered],
                                          "bytes_down": sum(bytes_of(contents[k]) for k in trained)})
         evals = self._evaluate(t)
-        self.state.rows.append([e.accuracy for e in evals] + [None] * (T - len(evals)))
+        record_row(self.state, evals, T)
         last = [rec for rec in self.state.rounds if rec["experience"] == t][-1]
         self.state.losses.append(last["train_loss"])
-        self._final_evals = evals
         mean_client = np.mean(list(accuracy.values())) if accuracy else float("nan")
         self.progress.log(f"experience {t + 1}/{T}: global accuracy on seen "
                           f"{np.mean([e.accuracy for e in evals]):.4f}, mean client accuracy {mean_client:.4f}")
@@ -419,7 +404,7 @@ class Federation:
                                 clients: list[int]) -> dict[int, RecordDict]:
         """Each client's consolidation message: the global model, or its tier's sub-model (and
         ``model-ratio``) under a sub-model strategy, so client accuracy is its own model's."""
-        if not hasattr(self.strategy, "consolidate_arrays"):
+        if not self.strategy.sub_models:
             content = RecordDict({"arrays": arrays, "config": config})
             return {k: content for k in clients}
         by_ratio: dict[float, RecordDict] = {}
@@ -435,7 +420,7 @@ class Federation:
     # ------------------------------------------------------------------ checkpoints and results
     def _checkpoint(self) -> None:
         # a server strategy with learnt state (FedConv's kernels, FedAvgM's momentum) saves it too
-        extra = self.strategy.state_dict() if hasattr(self.strategy, "state_dict") else None
+        extra = self.strategy.state_dict()
         save_server(self.out_dir / CHECKPOINT, self.state, self.learner.model, strategy=extra)
 
     def _restore(self) -> FedState:
@@ -443,51 +428,33 @@ class Federation:
         if not path.exists():
             return FedState()
         payload = load_server(path)
-        grow_to(self.learner.model, self.learner.scenario, payload["num_classes"])
+        self.learner.grow_to(payload["num_classes"])
         self.learner.model.load_state_dict(payload["model"])
-        if payload.get("server_strategy") is not None and hasattr(self.strategy, "load_state_dict"):
+        if payload.get("server_strategy") is not None:
             self.strategy.load_state_dict(payload["server_strategy"])
         state = payload["federated"]
         self.progress.log(f"resuming at experience {state.experience + 1}, round {state.round + 1}")
         return state
 
     def _finish(self) -> dict[str, Any]:
-        results = summarize(self.config, self.learner.scenario, self.state,
-                            getattr(self, "_final_evals", None))
-        results["device"] = str(self.learner.engine.device)
-        scenario = self.learner.scenario
-        experiences = [{"index": e.index, "classes": [scenario.class_names[c] for c in e.classes]}
-                       for e in scenario.experiences]
-        write_results(self.out_dir, config=self.config.to_dict(), metrics=results,
-                      experiences=experiences, title=self.config.name)
+        results = finish(self.config, self.learner, self.state, self.out_dir,
+                         extra=federated_summary(self.config, self.state))
         self.progress.log(f"[bold]done[/] average accuracy {results['average_accuracy']:.4f} -> {self.out_dir}")
         return results
 
 
-def summarize(config: ExperimentConfig, scenario: Any, state: FedState,
-              final: list[EvalResult] | None) -> dict[str, Any]:
-    """metrics.json of a federated run: the local-run keys plus rounds, bytes, clients, fleet."""
-    per_class = {}
-    if scenario.long_tailed and final:
-        per_class = {"per_class_correct": sum(r.correct for r in final).tolist(),
-                     "per_class_total": sum(r.total for r in final).tolist(),
-                     "train_counts": scenario.train_counts.tolist()}
-    results = M.summarize(state.rows, many_shot=config.metrics.many_shot,
-                          few_shot=config.metrics.few_shot, **per_class)
+def federated_summary(config: ExperimentConfig, state: FedState) -> dict[str, Any]:
+    """What metrics.json of a federated run adds to a local run's: rounds, bytes, clients, fleet."""
     fed = config.federated
     down = sum(r["bytes_down"] for r in state.rounds) + sum(c["bytes_down"] for c in state.consolidation)
     up = sum(r["bytes_up"] for r in state.rounds)
     client_means = [float(np.mean(list(a.values()))) if a else None for a in state.client_accuracy]
-    results |= {
-        "wall_time_s": round(state.elapsed_s, 3),
-        "train_loss": state.losses,
-        "class_order": list(scenario.class_order),
+    results = {
         "num_clients": fed.num_clients,
         "server_strategy": fed.server.name,
         "fleet": fed.fleet.name,
         "communication_bytes": {"down": down, "up": up, "total": down + up},
         "client_flops": float(sum(r.get("client_flops", 0.0) for r in state.rounds)),
-
         "simulated_time_s": float(sum(r["simulated_time_s"] for r in state.rounds)),
         "failed_clients": sum(len(r["failed"]) + len(r["timed_out"]) for r in state.rounds),
         "dropped_stragglers": sum(len(r["stragglers"]) for r in state.rounds),
@@ -499,4 +466,3 @@ def summarize(config: ExperimentConfig, scenario: Any, state: FedState,
     if any("server_s" in r for r in state.rounds):  # wall-clock: only where the server does real work
         results["server_time_s"] = round(float(sum(r.get("server_s", 0.0) for r in state.rounds)), 4)
     return results
-

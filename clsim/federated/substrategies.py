@@ -15,7 +15,6 @@ Flower is imported inside the methods, so configs validate without it installed.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -24,6 +23,7 @@ import torch
 from torch import nn
 
 from clsim.errors import ConfigError
+from clsim.federated.base import ServerStrategy
 from clsim.federated.submodels import aggregate_windows, build_submodel, slice_state
 from clsim.registry import SERVER_STRATEGIES
 
@@ -87,7 +87,7 @@ class Update:
     num_examples: int
 
 
-class SubModelStrategy:
+class SubModelStrategy(ServerStrategy):
     """Base of the sub-model strategies: per-tier payloads out, per-element aggregation back.
 
     Args:
@@ -96,8 +96,8 @@ class SubModelStrategy:
             HeteroFL paper's code does.
     """
 
-    sub_models = True  # the driver refuses models :mod:`clsim.federated.submodels` cannot scale
-    uses_public_data = False
+    sub_models = True  # the config refuses models :mod:`clsim.federated.submodels` cannot scale
+    server_work = True  # slices and folds on the server (and needs model templates: bind)
 
     def __init__(self, *, weighting: Literal["examples", "uniform"] = "examples"):
         if weighting not in ("examples", "uniform"):
@@ -111,11 +111,6 @@ class SubModelStrategy:
     def bind(self, ctx: ServerContext) -> None:
         """Receive the run's :class:`ServerContext` (before the first round)."""
         self.ctx = ctx
-
-    @property
-    def global_ratio(self) -> float:
-        """Width of the global model relative to the configured model (1: the model itself)."""
-        return 1.0
 
     def client_ratio(self, tier: Any) -> float:
         """Width ratio of the sub-model a client of ``tier`` trains."""
@@ -185,20 +180,8 @@ class SubModelStrategy:
             return ArrayRecord(self.submodel(server_round, arrays.to_torch_state_dict(), ratio, learn=False)), ratio
 
 
-def sub_model_factory(*, public_data: bool = False) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Mark a registered factory as a sub-model strategy, so config checks can see it unbuilt:
-    the model must be scalable, and (``public_data``) the server holds out a public set."""
-
-    def mark(factory: Callable[..., Any]) -> Callable[..., Any]:
-        factory.sub_models, factory.uses_public_data = True, public_data
-        return factory
-
-    return mark
-
-
 @SERVER_STRATEGIES.register("heterofl")
-@sub_model_factory()
-def heterofl(*, weighting: Literal["examples", "uniform"] = "examples") -> SubModelStrategy:
+class HeteroFL(SubModelStrategy):
     """HeteroFL (Diao et al., ICLR 2021): static top-left channel slices, per-element averaging.
 
     Each client trains the top-left slice of every hidden dimension; each global element is
@@ -207,34 +190,38 @@ def heterofl(*, weighting: Literal["examples", "uniform"] = "examples") -> SubMo
     Args:
         weighting: 'examples' (example-weighted, FedAvg when every client is full size) or 'uniform'.
     """
-    return SubModelStrategy(weighting=weighting)
+
+    def __init__(self, *, weighting: Literal["examples", "uniform"] = "examples"):
+        super().__init__(weighting=weighting)
 
 
+@SERVER_STRATEGIES.register("fedrolex")
 class FedRolex(SubModelStrategy):
-    """FedRolex (Alam et al., NeurIPS 2022): the slicing window rolls by one index per round, so
-    every global channel is trained by small clients in turn. A client's sub-model index i is
+    """FedRolex (Alam et al., NeurIPS 2022): HeteroFL with a window that rolls one index per round.
+
+    Every global channel is trained by small clients in turn. A client's sub-model index i is
     then a different global channel every round, so CL strategies with per-parameter state
     (``keeps_parameter_state``) are refused at parse time
-    (:func:`clsim.federated.config.check_with_strategy`)."""
+    (:func:`clsim.federated.config.check_with_strategy`).
+
+    Args:
+        weighting: 'examples' or 'uniform' (see ``heterofl``).
+    """
+
+    def __init__(self, *, weighting: Literal["examples", "uniform"] = "examples"):
+        super().__init__(weighting=weighting)
 
     def offset(self, server_round: int) -> int:
         return server_round - 1
 
 
-@SERVER_STRATEGIES.register("fedrolex")
-@sub_model_factory()
-def fedrolex(*, weighting: Literal["examples", "uniform"] = "examples") -> SubModelStrategy:
-    """FedRolex (Alam et al., NeurIPS 2022): HeteroFL with a window that rolls one index per round.
-
-    Args:
-        weighting: 'examples' or 'uniform' (see ``heterofl``).
-    """
-    return FedRolex(weighting=weighting)
-
-
+@SERVER_STRATEGIES.register("fedavg_smallest")
 class SmallestFedAvg(SubModelStrategy):
-    """FedAvg on the fleet's smallest sub-model: the global model is that width, every client
-    trains all of it (the one-size-fits-all baseline that FedConv and HeteroFL compare with)."""
+    """FedAvg where the global model, and so every client's, is the smallest tier's sub-model
+    (the one-size-fits-all baseline that FedConv and HeteroFL compare with)."""
+
+    def __init__(self) -> None:
+        super().__init__()
 
     @property
     def global_ratio(self) -> float:
@@ -242,13 +229,6 @@ class SmallestFedAvg(SubModelStrategy):
 
     def client_ratio(self, tier: Any) -> float:
         return self.global_ratio
-
-
-@SERVER_STRATEGIES.register("fedavg_smallest")
-@sub_model_factory()
-def fedavg_smallest() -> SubModelStrategy:
-    """FedAvg where the global model, and so every client's, is the smallest tier's sub-model."""
-    return SmallestFedAvg()
 
 
 def public_batch(x: torch.Tensor, y: torch.Tensor, batch_size: int, seed: list[int]) -> tuple[torch.Tensor, torch.Tensor]:

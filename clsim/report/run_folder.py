@@ -1,4 +1,4 @@
-"""Write and read the run folder (DESIGN.md, "Run folder").
+"""Write and read the run folder (DESIGN.md, "Run folder"); its file names are defined here only.
 
 Every file is written atomically (temp file in the same folder, fsync, ``os.replace``), so a
 crash or a kill never leaves a half-written file. ``metrics.json`` is written last: its
@@ -20,6 +20,11 @@ import yaml
 from clsim.atomic import atomic_write_bytes, atomic_write_text
 from clsim.errors import ConfigError
 from clsim.report import plots
+
+CONFIG = Path("config.yaml")  # the resolved config, enough to rerun the experiment exactly
+METRICS = Path("metrics.json")  # written last: its presence marks a finished run
+CHECKPOINT = Path("checkpoints") / "last.pt"  # what ``clsim run --resume`` continues from
+CLIENT_STATE = Path("federated") / "clients"  # federated clients' strategy state (default place)
 
 PERCENT_METRICS = (
     ("average_accuracy", "average accuracy"),
@@ -63,6 +68,47 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
 
 # ---------------------------------------------------------------- run folder
 
+def check_run_dir(config: Any, out_dir: Path, *, resume: bool) -> None:
+    """Refuse a folder that is a file, an earlier run (without resume), or another config.
+
+    ``config`` is an :class:`~clsim.config.ExperimentConfig`."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(str(out_dir), "--out names a file, expected a folder for the run")
+    has_run = (out_dir / METRICS).exists() or (out_dir / CHECKPOINT).exists()
+    if has_run and not resume:
+        raise ConfigError(str(out_dir), "already holds a run; pass --resume to continue it or choose another --out")
+    config_file = out_dir / CONFIG
+    if resume and config_file.exists():
+        from clsim.config import parse_config
+
+        saved = parse_config(yaml.safe_load(config_file.read_text())).to_dict()
+        # tracking changes no number: a resumed run may switch it on or off
+        diff = first_difference(saved | {"report": None}, config.to_dict() | {"report": None})
+        if diff:
+            raise ConfigError("--resume", f"config differs from {config_file} at '{diff}'; "
+                                          f"resume with the same config or choose another --out")
+
+
+def write_config(config: Any, out_dir: Path) -> None:
+    """``config.yaml``: the resolved config, enough to rerun the experiment exactly."""
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(str(out_dir), f"cannot create the run folder ({exc.strerror})")
+    atomic_write_text(out_dir / CONFIG, yaml.safe_dump(config.to_dict(), sort_keys=False))
+
+
+def first_difference(a: Any, b: Any, prefix: str = "") -> str | None:
+    """The first key path where two nested mappings differ, or None."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in sorted(set(a) | set(b), key=str):
+            found = first_difference(a.get(key), b.get(key), f"{prefix}.{key}" if prefix else str(key))
+            if found:
+                return found
+        return None
+    return None if a == b else prefix or "<root>"
+
+
 def write_results(run_dir: str | Path, *, config: dict, metrics: dict,
                   experiences: list[dict], title: str) -> None:
     """Write ``metrics.json``, ``accuracy_matrix.csv``, ``curves.png``, ``accuracy_matrix.png``
@@ -82,7 +128,7 @@ def write_results(run_dir: str | Path, *, config: dict, metrics: dict,
                        plots.matrix_png(R, title=f"{title}: accuracy matrix (%)"))
     atomic_write_text(run_dir / "report.md", report_markdown(
         config=config, metrics=metrics, experiences=experiences, title=title))
-    atomic_write_json(run_dir / "metrics.json", metrics)  # last: marks the run as finished
+    atomic_write_json(run_dir / METRICS, metrics)  # last: marks the run as finished
 
 
 def matrix_csv(R: list[list[float | None]]) -> str:
@@ -113,7 +159,7 @@ def read_run(run_dir: str | Path) -> dict[str, Any]:
         raise ConfigError(str(run_dir), "not a folder: give a run folder")
     if not run_dir.is_dir():
         raise ConfigError(str(run_dir), "no such run folder")
-    metrics_path = run_dir / "metrics.json"
+    metrics_path = run_dir / METRICS
     if not metrics_path.is_file():
         raise ConfigError(str(run_dir), "not a finished clsim run folder (no metrics.json)")
     try:
@@ -123,7 +169,7 @@ def read_run(run_dir: str | Path) -> dict[str, Any]:
     if not isinstance(metrics, dict) or "accuracy_matrix" not in metrics:
         raise ConfigError(str(metrics_path), "expected a JSON object with an 'accuracy_matrix'")
     return {"name": run_dir.name, "path": run_dir, "metrics": _checked_metrics(metrics, metrics_path),
-            "config": _read_config(run_dir / "config.yaml")}
+            "config": _read_config(run_dir / CONFIG)}
 
 
 def _checked_metrics(metrics: dict[str, Any], path: Path) -> dict[str, Any]:

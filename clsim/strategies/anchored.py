@@ -68,8 +68,8 @@ class AnchoredPenalty(Strategy):
             total = total + (diff if weight is None else weight * diff).sum()
         return total + self._constant
 
-    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, output: Any) -> torch.Tensor:
-        ce = super().loss(model, x, y, output)
+    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, extra: Any = None) -> torch.Tensor:
+        ce = super().loss(model, x, y, extra)
         if not self.anchors or self.lambda_ == 0:
             return ce
         return ce + 0.5 * self.lambda_ * self.penalty(model)

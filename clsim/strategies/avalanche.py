@@ -13,11 +13,13 @@ plugin's callbacks at the matching points of clsim's loop::
                       after_train_dataset_adaptation, before_training_exp
     before_epoch      (after_training_epoch of the previous epoch), before_training_epoch
     prepare_batch     before_training_iteration            (once per step)
-    forward           before_forward, after_forward
-    loss              before_backward: cross-entropy + whatever the plugin adds to ``loss``
+    loss              before_forward, (the forward pass), after_forward,
+                      before_backward: cross-entropy + whatever the plugin adds to ``loss``
     after_backward    after_backward, before_update        (e.g. GEM's gradient projection)
     after_step        after_update, after_training_iteration
     after_task        after_training_epoch, after_training_exp, after_training
+                      (a federated client's consolidation calls only this one, on a strategy
+                      restored from its saved state: ``strategy.experience`` is set from the task)
 
 Avalanche's own ``Clock`` runs last at every point, as in Avalanche, so ``clock.train_exp_counter``
 counts the experiences trained. Evaluation callbacks are not called: clsim evaluates itself.
@@ -46,11 +48,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import Dataset
 
 from clsim.errors import ConfigError, did_you_mean
 from clsim.registry import STRATEGIES
 from clsim.scenarios.base import Experience
-from clsim.strategies.base import Batches, Strategy
+from clsim.strategies.base import Batches, Strategy, Task
 
 DEFAULT_PLUGIN = "MASPlugin"
 
@@ -378,8 +381,9 @@ class AvalancheStrategy(Strategy):
         first = next(model.parameters(), None)
         self.host.device = first.device if first is not None else torch.device("cpu")
 
-    def before_task(self, model: nn.Module, experience: Experience) -> None:
-        super().before_task(model, experience)
+    def before_task(self, model: nn.Module, task: Task) -> Dataset:
+        data = super().before_task(model, task)
+        experience = task.experience
         self._attach(model)
         self.host.experience = PluginExperience(experience)
         self.host.is_training = True
@@ -398,6 +402,7 @@ class AvalancheStrategy(Strategy):
         self._memory_gen.manual_seed(1_000_003 * (experience.index + 1))
         self._memory_order = []
         self._epoch_open = False
+        return data
 
     def before_epoch(self, model: nn.Module, epoch: int, epochs: int, steps: int) -> None:
         self._close_epoch()
@@ -410,28 +415,25 @@ class AvalancheStrategy(Strategy):
             self._call("after_training_epoch")
             self._epoch_open = False
 
-    def prepare_batch(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def prepare_batch(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
         self._new_rows = len(y)  # rows after these are the memory batch (see ``_ce_logits``)
         if self._memory is not None:
             x, y = self._with_memory_batch(x, y)
         self._set_batch(x, y)
         self._call("before_training_iteration")
-        return x, y
+        return x, y, None
 
     def _set_batch(self, x: torch.Tensor, y: torch.Tensor) -> None:
         self.host.mbatch = [x, y, torch.zeros_like(y)]  # task label 0: class-incremental
 
-    def forward(self, model: nn.Module, x: torch.Tensor) -> Any:
-        self._call("before_forward")
-        self.host.mb_output = model(x)
-        self._call("after_forward")
-        return self.host.mb_output
-
-    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, output: Any) -> torch.Tensor:
-        """Cross-entropy over the seen classes, plus whatever the plugin's ``before_backward``
-        adds to ``strategy.loss`` (SI, EWC and MAS penalties, LwF's distillation)."""
+    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, extra: Any = None) -> torch.Tensor:
+        """The forward pass between ``before_forward`` / ``after_forward``, then cross-entropy over
+        the seen classes plus whatever the plugin's ``before_backward`` adds to ``strategy.loss``
+        (SI, EWC and MAS penalties, LwF's distillation)."""
         self._set_batch(x, y)
-        self.host.mb_output = output
+        self._call("before_forward")
+        output = self.host.mb_output = model(x)
+        self._call("after_forward")
         self.host.loss = F.cross_entropy(self._ce_logits(output), y)
         self._call("before_backward")
         return self.host.loss
@@ -455,8 +457,11 @@ class AvalancheStrategy(Strategy):
         self._call("after_update")
         self._call("after_training_iteration")
 
-    def after_task(self, model: nn.Module, experience: Experience, batches: Batches) -> None:
+    def after_task(self, model: nn.Module, task: Task, batches: Batches) -> None:
         self._attach(model)
+        if self.host.experience is None or self.host.experience.clsim is not task.experience:
+            # a federated client consolidates on a strategy restored from its saved state
+            self.host.experience = PluginExperience(task.experience)
         self._close_epoch()
         self._call("after_training_exp")
         self._call("after_training")

@@ -21,7 +21,6 @@ labels like CLS (no teacher): the plain-ViT baseline on the same recipe, with DR
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any, Literal
 
 import numpy as np
@@ -35,8 +34,7 @@ from clsim.errors import ConfigError
 from clsim.losses import class_balanced_weights
 from clsim.models.deit import DistilledIncrementalClassifier
 from clsim.registry import STRATEGIES
-from clsim.scenarios.base import Experience
-from clsim.strategies.base import Batches, Strategy
+from clsim.strategies.base import Batches, Strategy, Task
 
 
 @STRATEGIES.register("deit_lt")
@@ -86,24 +84,18 @@ class DeiTLT(Strategy):
         self.counts: np.ndarray | None = None  # (C,) training images per class, this experience
         self.weights: torch.Tensor | None = None  # (C,) DRW weights; None before drw_epoch
         self.mixup: BatchMixup | None = None
-        self.clean: torch.Tensor | None = None  # this step's batch before strong augmentation
 
     def setup(self, model: nn.Module) -> None:
         if not isinstance(model, DistilledIncrementalClassifier):
             raise ConfigError("model.name", f"deit_lt trains a CLS and a DIST head: use model 'deit' "
                                             f"(got {type(model).__name__})")
 
-    def set_teacher(self, teacher: nn.Module) -> None:
-        self.teacher = teacher
-
-    def before_task(self, model: nn.Module, experience: Experience) -> None:
-        super().before_task(model, experience)
+    def before_task(self, model: nn.Module, task: Task) -> Dataset:
+        data = super().before_task(model, task)
+        self.teacher = task.teacher
         if self.augment is not None:
             self.mixup = BatchMixup(model.num_classes, **self.mix_args)
-
-    def train_dataset(self, experience: Experience, past: Sequence[Experience]) -> Dataset:
-        data = super().train_dataset(experience, past)
-        self.counts = np.bincount(np.asarray(data.targets), minlength=max(experience.classes) + 1)
+        self.counts = np.bincount(np.asarray(data.targets), minlength=max(task.experience.classes) + 1)
         return data
 
     def before_epoch(self, model: nn.Module, epoch: int, epochs: int, steps: int) -> None:
@@ -112,33 +104,32 @@ class DeiTLT(Strategy):
         reweight = self.drw and self.counts is not None and epoch >= first
         self.weights = class_balanced_weights(self.counts, self.beta) if reweight else None
 
-    def prepare_batch(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Strong augmentation once per step; labels become soft ``(B, C)`` targets."""
-        self.clean = x
+    def prepare_batch(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Strong augmentation once per step; labels become soft ``(B, C)`` targets; the clean
+        batch goes to ``loss`` as ``extra`` (the teacher's input when ``ood`` is off)."""
+        clean = x
         if self.augment is None:
-            return x, y
+            return x, y, clean
         x = self.augment(x)
         if self.no_mixup_drw and self.weights is not None:
-            return x, self.mixup.smooth(y)
-        return self.mixup(x, y)
+            return x, self.mixup.smooth(y), clean
+        return (*self.mixup(x, y), clean)
 
-    def forward(self, model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return model.forward_both(x)  # (B, C), (B, C)
-
-    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, output: Any) -> torch.Tensor:
-        cls_logits, dist_logits = output
+    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, extra: Any = None) -> torch.Tensor:
+        cls_logits, dist_logits = model.forward_both(x)  # (B, C), (B, C)
         cls_loss = F.cross_entropy(cls_logits, y)  # y: class indices or soft targets (B, C)
         if self.distillation == "none":
             dist_loss = F.cross_entropy(dist_logits, y, weight=self.class_weights(dist_logits))
         else:
-            dist_loss = self.distillation_loss(dist_logits, self.teacher_logits(x, dist_logits.shape[1]))
+            clean = x if extra is None else extra
+            dist_loss = self.distillation_loss(dist_logits, self.teacher_logits(x, clean, dist_logits.shape[1]))
         return (1 - self.alpha) * cls_loss + self.alpha * dist_loss
 
-    def teacher_logits(self, x: torch.Tensor, num_classes: int) -> torch.Tensor:
+    def teacher_logits(self, x: torch.Tensor, clean: torch.Tensor, num_classes: int) -> torch.Tensor:
         """The frozen teacher on the student's batch (OOD) or the clean one, ``(B, num_classes)``."""
         if self.teacher is None:
-            raise RuntimeError("deit_lt: no teacher was set (the run gives it before each experience)")
-        images = x if self.ood else self.clean
+            raise RuntimeError("deit_lt: no teacher was given (the run gives it in each task)")
+        images = x if self.ood else clean
         if self.teacher_input_size and images.shape[-1] != self.teacher_input_size:
             size = (self.teacher_input_size, self.teacher_input_size)
             images = F.interpolate(images, size=size, mode="bicubic", align_corners=False)
@@ -164,10 +155,10 @@ class DeiTLT(Strategy):
         C = logits.shape[1]
         return F.pad(self.weights, (0, max(C - len(self.weights), 0)))[:C].to(logits.device)
 
-    def after_task(self, model: nn.Module, experience: Experience, batches: Batches) -> None:
-        self.counts, self.weights, self.clean, self.teacher = None, None, None, None
+    def after_task(self, model: nn.Module, task: Task, batches: Batches) -> None:
+        self.counts, self.weights, self.teacher = None, None, None
 
-    def predict_with_variants(self, model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def predict(self, model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         cls_logits, dist_logits = model.forward_both(x)
         return (cls_logits + dist_logits) / 2, {"cls": cls_logits, "dist": dist_logits}
 

@@ -8,8 +8,7 @@ from typing import Any
 from torch import nn
 
 from clsim.errors import ConfigError
-from clsim.scenarios.base import Experience
-from clsim.strategies.base import Batches, Strategy
+from clsim.strategies.base import Batches, Strategy, Task
 
 
 def frozen_copy(model: nn.Module) -> nn.Module:
@@ -33,7 +32,7 @@ class SelfDistillation(Strategy):
     def setup(self, model: nn.Module) -> None:
         self._model = model
 
-    def after_task(self, model: nn.Module, experience: Experience, batches: Batches) -> None:
+    def after_task(self, model: nn.Module, task: Task, batches: Batches) -> None:
         self.teacher = frozen_copy(model)
 
     def state_dict(self) -> dict[str, Any]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -14,8 +13,7 @@ from torch.utils.data import Dataset
 from clsim.errors import ConfigError
 from clsim.losses import class_balanced_weights
 from clsim.registry import STRATEGIES
-from clsim.scenarios.base import Experience
-from clsim.strategies.base import Batches, Strategy
+from clsim.strategies.base import Batches, Strategy, Task
 
 
 @STRATEGIES.register("drw")
@@ -26,7 +24,7 @@ class DRW(Strategy):
     Algorithm 1: train with unweighted cross-entropy until epoch ``start_epoch``, then
     weight each sample's loss by its class's weight w_c = (1 - beta) / (1 - beta^n_c)
     (Cui et al.'s class-balanced weights, n_c = the class's images in the experience's
-    training data, counted in :meth:`train_dataset`). Features are learnt on the natural
+    training data, counted in :meth:`before_task`). Features are learnt on the natural
     distribution first; the re-weighting then moves the decision boundaries toward the tail.
     The weighted loss is ``F.cross_entropy(..., weight=w)``: sum_i w_yi l_i / sum_i w_yi, as in
     the authors' code. DeiT-LT (Rangwani et al., CVPR 2024) uses the same re-weighting on
@@ -59,17 +57,17 @@ class DRW(Strategy):
         """``start_epoch``, or 4/5 of ``epochs`` rounded down when it is not given."""
         return epochs * 4 // 5 if self.start_epoch is None else self.start_epoch
 
-    def train_dataset(self, experience: Experience, past: Sequence[Experience]) -> Dataset:
-        data = super().train_dataset(experience, past)
-        self.counts = np.bincount(np.asarray(data.targets), minlength=max(experience.classes) + 1)
+    def before_task(self, model: nn.Module, task: Task) -> Dataset:
+        data = super().before_task(model, task)
+        self.counts = np.bincount(np.asarray(data.targets), minlength=max(task.experience.classes) + 1)
         return data
 
     def before_epoch(self, model: nn.Module, epoch: int, epochs: int, steps: int) -> None:
         deferred = self.counts is None or epoch < self.first_weighted_epoch(epochs)
         self.weights = None if deferred else class_balanced_weights(self.counts, self.beta)
 
-    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, output: Any) -> torch.Tensor:
-        logits = self.training_logits(output)  # (B, C)
+    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, extra: Any = None) -> torch.Tensor:
+        logits = self.training_logits(model(x))  # (B, C)
         weight = None if self.weights is None else self.class_weights(logits)
         return F.cross_entropy(logits, y, weight=weight)
 
@@ -80,5 +78,5 @@ class DRW(Strategy):
             self.weights = F.pad(self.weights, (0, max(C - len(self.weights), 0)))[:C].to(logits.device)
         return self.weights
 
-    def after_task(self, model: nn.Module, experience: Experience, batches: Batches) -> None:
+    def after_task(self, model: nn.Module, task: Task, batches: Batches) -> None:
         self.counts, self.weights = None, None

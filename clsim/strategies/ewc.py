@@ -10,9 +10,8 @@ from torch import nn
 
 from clsim.errors import ConfigError
 from clsim.registry import STRATEGIES
-from clsim.scenarios.base import Experience
 from clsim.strategies.anchored import AnchoredPenalty, Tensors
-from clsim.strategies.base import Batches
+from clsim.strategies.base import Batches, Task
 from clsim.strategies.params import ParamSpec
 
 
@@ -63,7 +62,7 @@ class EWC(AnchoredPenalty):
         model.train(was_training)
         return {n: f / max(n_batches, 1) for n, f in total.items()}
 
-    def after_task(self, model: nn.Module, experience: Experience, batches: Batches) -> None:
+    def after_task(self, model: nn.Module, task: Task, batches: Batches) -> None:
         new = self.fisher(model, batches)
         if self.mode == "online" and self.anchors:
             _, old = self.anchors[0]

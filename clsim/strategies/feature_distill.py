@@ -27,11 +27,8 @@ class FeatureDistill(SelfDistillation):
     def __init__(self, *, lambda_: float = 1.0):
         super().__init__(lambda_=lambda_)
 
-    def forward(self, model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return model.logits_and_features(x)  # (B, C), (B, D)
-
-    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, output: Any) -> torch.Tensor:
-        logits, features = output
+    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, extra: Any = None) -> torch.Tensor:
+        logits, features = model.logits_and_features(x)  # (B, C), (B, D)
         ce = F.cross_entropy(logits, y)
         if self.teacher is None or self.lambda_ == 0:
             return ce

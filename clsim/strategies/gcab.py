@@ -31,12 +31,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import Dataset
 
 from clsim.errors import ConfigError
-from clsim.models.gcab import S_MAX, GCABClassifier, GCABOutput
+from clsim.models.gcab import S_MAX, GCABClassifier
 from clsim.registry import STRATEGIES
-from clsim.scenarios.base import Experience
-from clsim.strategies.base import Batches, Strategy
+from clsim.strategies.base import Batches, Strategy, Task
 from clsim.strategies.distillation import frozen_copy
 
 Frozen = dict[str, tuple[torch.Tensor, torch.Tensor]]  # name -> (frozen entries (bool), values to keep)
@@ -101,9 +101,10 @@ class GatedClassAttention(Strategy):
     def name(self) -> str:
         return "gcab_cfdc" if self.drift_compensation else "gcab"
 
-    def before_task(self, model: nn.Module, experience: Experience) -> None:
-        super().before_task(model, experience)
+    def before_task(self, model: nn.Module, task: Task) -> Dataset:
+        data = super().before_task(model, task)
         self._frozen = self.frozen_entries(model)
+        return data
 
     def before_epoch(self, model: nn.Module, epoch: int, epochs: int, steps: int) -> None:
         self.step, self.steps = 0, steps  # HAT anneals s afresh within every epoch
@@ -112,11 +113,9 @@ class GatedClassAttention(Strategy):
         """``s`` for the current batch: 1/s_max at the first batch of an epoch, ~s_max at its last."""
         return 1 / self.s_max + (self.s_max - 1 / self.s_max) * self.step / max(self.steps, 1)
 
-    def forward(self, model: nn.Module, x: torch.Tensor) -> GCABOutput:
-        return model.forward_train(x, self.gate_scale(), project=self.project_in_training)
-
-    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, output: GCABOutput) -> torch.Tensor:
+    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, extra: Any = None) -> torch.Tensor:
         """Classification (CE or BCE) over all seen classes + gate sparsity + (CFDC) projector loss."""
+        output = model.forward_train(x, self.gate_scale(), project=self.project_in_training)
         loss = self.classification(output.logits, y) + self.sparsity(model, output.gates)
         if self.drift_compensation and self.old_backbone is not None and self.projector_weight > 0:
             loss = loss + self.projector_weight * self.drift_loss(model, x, output.patches)
@@ -171,7 +170,7 @@ class GatedClassAttention(Strategy):
             params[name].copy_(torch.where(frozen, kept, params[name]))
         self.step += 1
 
-    def after_task(self, model: nn.Module, experience: Experience, batches: Batches) -> None:
+    def after_task(self, model: nn.Module, task: Task, batches: Batches) -> None:
         if self.drift_compensation:
             self.old_backbone = frozen_copy(model.backbone)  # f_{t-1} for the next task's projector
 

@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
+from torch import nn
 from torch.utils.data import Dataset
 
 from clsim.data.base import ConcatView
 from clsim.registry import STRATEGIES
-from clsim.scenarios.base import Experience
-from clsim.strategies.base import Strategy
+from clsim.strategies.base import Strategy, Task
 
 
 @STRATEGIES.register("joint")
 class Joint(Strategy):
     """Upper bound: at each experience, train on the union of all training data seen so far."""
 
-    def train_dataset(self, experience: Experience, past: Sequence[Experience]) -> Dataset:
-        return ConcatView([e.train for e in (*past, experience)])
+    def before_task(self, model: nn.Module, task: Task) -> Dataset:
+        super().before_task(model, task)
+        return ConcatView([e.train for e in (*task.past, task.experience)])

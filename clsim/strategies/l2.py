@@ -5,9 +5,8 @@ from __future__ import annotations
 from torch import nn
 
 from clsim.registry import STRATEGIES
-from clsim.scenarios.base import Experience
 from clsim.strategies.anchored import AnchoredPenalty
-from clsim.strategies.base import Batches
+from clsim.strategies.base import Batches, Task
 from clsim.strategies.params import ParamSpec
 
 
@@ -28,5 +27,5 @@ class L2(AnchoredPenalty):
     def __init__(self, *, lambda_: float = 1.0, params: ParamSpec = "all", mask_past: bool = False):
         super().__init__(lambda_=lambda_, params=params, mask_past=mask_past)
 
-    def after_task(self, model: nn.Module, experience: Experience, batches: Batches) -> None:
+    def after_task(self, model: nn.Module, task: Task, batches: Batches) -> None:
         self.anchors = [(self.snapshot(model), None)]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -14,8 +13,7 @@ from torch.utils.data import Dataset
 from clsim.errors import ConfigError
 from clsim.losses import log_prior, logit_adjusted_cross_entropy
 from clsim.registry import STRATEGIES
-from clsim.scenarios.base import Experience
-from clsim.strategies.base import Batches, Strategy
+from clsim.strategies.base import Batches, Strategy, Task
 
 
 @STRATEGIES.register("logit_adjust")
@@ -24,7 +22,7 @@ class LogitAdjust(Strategy):
 
     "Long-tail learning via logit adjustment", eq. 10: the training loss is
     CE(f(x) + tau * log pi, y), with pi the class prior of the data being trained on (the
-    labels of the experience's training set, counted in :meth:`train_dataset`). Prediction is
+    labels of the experience's training set, counted in :meth:`before_task`). Prediction is
     the plain argmax of f: the adjustment is only in the loss, which makes f itself estimate
     the balanced-error classifier. tau = 1 is Ren et al.'s balanced softmax (NeurIPS 2020); on
     balanced data the loss is plain cross-entropy.
@@ -50,14 +48,14 @@ class LogitAdjust(Strategy):
         self.counts: np.ndarray | None = None  # (C,) training images per class, this experience
         self._prior: torch.Tensor | None = None  # (C,) log prior on the logits' device
 
-    def train_dataset(self, experience: Experience, past: Sequence[Experience]) -> Dataset:
-        data = super().train_dataset(experience, past)
-        self.counts = np.bincount(np.asarray(data.targets), minlength=max(experience.classes) + 1)
+    def before_task(self, model: nn.Module, task: Task) -> Dataset:
+        data = super().before_task(model, task)
+        self.counts = np.bincount(np.asarray(data.targets), minlength=max(task.experience.classes) + 1)
         self._prior = None
         return data
 
-    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, output: Any) -> torch.Tensor:
-        logits = self.training_logits(output)  # (B, C)
+    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, extra: Any = None) -> torch.Tensor:
+        logits = self.training_logits(model(x))  # (B, C)
         if self.counts is None:
             return F.cross_entropy(logits, y)
         return logit_adjusted_cross_entropy(logits, y, self.log_prior(logits), self.tau)
@@ -70,5 +68,5 @@ class LogitAdjust(Strategy):
             self._prior = log_prior(np.maximum(counts, 1)).to(logits.device)
         return self._prior
 
-    def after_task(self, model: nn.Module, experience: Experience, batches: Batches) -> None:
+    def after_task(self, model: nn.Module, task: Task, batches: Batches) -> None:
         self.counts, self._prior = None, None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -30,7 +32,8 @@ class LwF(SelfDistillation):
             raise ConfigError("strategy.temperature", f"expected a number > 0, got {temperature}")
         self.temperature = temperature
 
-    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, extra: Any = None) -> torch.Tensor:
+        output = model(x)  # (B, C)
         ce = F.cross_entropy(output, y)
         if self.teacher is None or self.lambda_ == 0:
             return ce
