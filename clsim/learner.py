@@ -7,10 +7,10 @@ experience; the server (:mod:`clsim.federated.server`) calls :meth:`Learner.grow
 :meth:`Learner.evaluate` on the global model. A one-client federation is therefore the same
 code path as a local run, and :func:`summary` gives every run the same metrics.
 
-Seed streams: experience ``i``'s head growth and learning start from
-``derive_seed(seed, i)`` (a resumed run draws what an uninterrupted one does), the engine's
-batches, dropout and augmentation from the streams in :mod:`clsim.engine.engine`, and
-``after_task`` from ``derive_seed(seed, step, AFTER_TASK)``.
+Seed streams (all named in :mod:`clsim.seeds`): experience ``i``'s head growth and learning
+start from ``derive_seed(seed, i)`` (a resumed run draws what an uninterrupted one does), the
+engine's batches, dropout and augmentation from their own streams, and ``after_task`` from
+``derive_seed(seed, step, AFTER_TASK)``.
 
 This module knows nothing of Flower; :func:`finish` hands the summary to
 :mod:`clsim.report.run_folder`, which owns the run folder's layout.
@@ -29,11 +29,12 @@ import torch
 from torch import nn
 
 from clsim import metrics as M
-from clsim.config import ExperimentConfig
-from clsim.engine.engine import AFTER_TASK, Engine, EvalResult, LossTerm, derive_seed
+from clsim.config.schema import ExperimentConfig
+from clsim.engine.engine import Engine, EvalResult, LossTerm
 from clsim.engine.progress import Progress
 from clsim.report.run_folder import write_results
 from clsim.scenarios.base import Experience, Scenario
+from clsim.seeds import AFTER_TASK, derive_seed
 from clsim.strategies.base import Finetune, Strategy, Task
 from clsim.teacher import Teacher
 

@@ -278,7 +278,7 @@ def classify(point: Point) -> str:
 
 def _same_config(point: Point) -> bool:
     from clsim.config import parse_config
-    from clsim.experiment import first_difference
+    from clsim.report.run_folder import first_difference
 
     saved = point.out / "config.yaml"
     if not saved.is_file():

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from clsim.config import ReportConfig
+from clsim.config.schema import ReportConfig
 from clsim.errors import ConfigError
 
 Row = Sequence[float | None]
@@ -185,7 +185,7 @@ def _matrix_image(matrix: Sequence[Row]) -> np.ndarray:
     """``(H, W, 3)`` uint8: the run folder's accuracy-matrix heat map, decoded."""
     from PIL import Image  # matplotlib's own dependency
 
-    from clsim.report import plots
+    import clsim.report.plots as plots
 
     png = plots.matrix_png([list(r) for r in matrix], title="accuracy matrix (%)")
     return np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))

@@ -17,23 +17,18 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from clsim.config import TrainConfig
+from clsim.config.schema import TrainConfig
 from clsim.data.base import supports_batches
 from clsim.engine.progress import Progress
 from clsim.engine.sam import SAM, frozen_batchnorm_stats
 from clsim.errors import ConfigError
+from clsim.seeds import FIT, derive_seed
 from clsim.strategies.base import Strategy, split_prediction
 
 LossTerm = Callable[[nn.Module], torch.Tensor]
 """An extra loss term of the model's weights, added at every step (e.g. FedProx's proximal term)."""
 
 
-AFTER_TASK = 2_000_003  # derive_seed tag of the after_task pass (local runs and federated consolidation)
-
-
-def derive_seed(*parts: int) -> int:
-    """A 63-bit seed from a tuple of ints: one independent stream per (seed, experience, epoch)."""
-    return int(np.random.SeedSequence([abs(int(p)) for p in parts]).generate_state(2, np.uint64)[0] >> 1)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -102,7 +97,7 @@ class Engine:
         epoch's mean loss. ``terms`` are added to the strategy's loss at every step (FedProx's
         proximal term); ``experience`` names the seed stream of batches, dropout and augmentation."""
         epochs = epochs or self.train.epochs
-        torch.manual_seed(derive_seed(self.seed, experience, 1_000_003))  # dropout, augmentation
+        torch.manual_seed(derive_seed(self.seed, experience, FIT))  # dropout, augmentation
         optimizer = self._optimizer(model)
         steps_per_epoch = math.ceil(len(dataset) / self.train.batch_size)
         schedule = self._schedule(optimizer, steps_per_epoch * epochs)

@@ -131,7 +131,7 @@ class FederatedConfig:
 
 def parse_federated(raw: Any, base_dir: Path | None = None) -> FederatedConfig:
     """Validate the ``federated`` mapping of an experiment file."""
-    from clsim.config import parse_dataclass, parse_section
+    from clsim.config.parse import parse_dataclass, parse_section
     from clsim.registry import PARTITIONERS, SERVER_STRATEGIES
 
     if not isinstance(raw, dict):

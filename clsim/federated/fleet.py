@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from clsim.errors import ConfigError
+from clsim.seeds import FLEET_TIERS
 
 FAULTS = ("raise", "hang", "drop")
 
@@ -95,7 +96,7 @@ class Fleet:
         order = np.argsort(-(shares * num_clients - counts), kind="stable")
         counts[order[: num_clients - counts.sum()]] += 1
         labels = np.repeat(np.arange(len(self.tiers)), counts)
-        labels = labels[np.random.default_rng([seed, 7]).permutation(num_clients)]
+        labels = labels[np.random.default_rng([seed, FLEET_TIERS]).permutation(num_clients)]
         return [self.tiers[k] for k in labels]
 
     def to_dict(self) -> dict[str, Any]:
@@ -115,7 +116,7 @@ def load_fleet(spec: Any, base_dir: Path | None) -> Fleet:
 
 
 def _read(spec: str, base_dir: Path | None) -> dict[str, Any]:
-    from clsim.config import read_yaml
+    from clsim.config.parse import read_yaml
 
     for root in (Path.cwd(), base_dir, base_dir.parent if base_dir else None):
         if root is not None and (root / spec).is_file():
@@ -125,7 +126,7 @@ def _read(spec: str, base_dir: Path | None) -> dict[str, Any]:
 
 
 def _parse(raw: dict[str, Any], where: str) -> dict[str, Any]:
-    from clsim.config import parse_dataclass
+    from clsim.config.parse import parse_dataclass
 
     unknown = set(raw) - {"name", "tiers", "description"}
     if unknown:

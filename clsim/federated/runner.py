@@ -25,7 +25,7 @@ from clsim.errors import ConfigError
 def run(config: ExperimentConfig, out_dir: Path, *, resume: bool = False, quiet: bool = False) -> dict[str, Any]:
     """Run ``config`` (with ``config.federated``) into ``out_dir``, already checked by
     :func:`clsim.experiment.run` (``check_run_dir``); returns its metrics."""
-    from clsim.experiment import write_config
+    from clsim.report.run_folder import write_config
 
     out_dir = Path(out_dir)
     check_supported(config)

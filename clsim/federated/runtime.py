@@ -18,13 +18,12 @@ import yaml
 
 from clsim.config import ExperimentConfig, parse_config
 from clsim.data.base import View
-from clsim.engine.engine import derive_seed
+from clsim.seeds import CLIENT_ORDER, PARTITION, PUBLIC_SPLIT, derive_seed
 from clsim.federated.config import FederatedConfig
 from clsim.federated.fleet import Tier
 from clsim.federated.partition import mirror
 from clsim.scenarios.base import Experience, Scenario
 
-SPLITS = {"train": 0, "test": 1}
 
 
 @dataclass
@@ -46,7 +45,7 @@ class Runtime:
         if key not in self._parts:
             data = getattr(self.scenario.experiences[index], split)
             labels = np.asarray(data.targets, dtype=np.int64)
-            seed = derive_seed(self.config.seed, index, SPLITS[split]) % 2**32
+            seed = derive_seed(self.config.seed, index, PARTITION[split]) % 2**32
             if split == "test":  # the client's own test data follows its training labels
                 train = self.scenario.experiences[index].train
                 train_labels = np.asarray(train.targets, dtype=np.int64)
@@ -70,7 +69,7 @@ class Runtime:
         key = (index, "public")
         if key not in self._parts:
             labels = np.asarray(self.scenario.experiences[index].train.targets, dtype=np.int64)
-            rng = np.random.default_rng(derive_seed(self.config.seed, index, 7) % 2**32)
+            rng = np.random.default_rng(derive_seed(self.config.seed, index, PUBLIC_SPLIT) % 2**32)
             held = []
             for c in np.unique(labels):
                 items = np.nonzero(labels == c)[0]
@@ -89,7 +88,7 @@ class Runtime:
         T = len(self.scenario)
         if self.fed.class_order == "shared":
             return list(range(T))
-        return [int(i) for i in np.random.default_rng([self.config.seed, client, 5]).permutation(T)]
+        return [int(i) for i in np.random.default_rng([self.config.seed, client, CLIENT_ORDER]).permutation(T)]
 
     def head_size(self, step: int) -> int:
         """Classes of the global head at stream step ``step``: seen so far, or all (per-client orders)."""

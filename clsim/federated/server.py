@@ -33,7 +33,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 
 from clsim.config import ExperimentConfig
-from clsim.engine.engine import EvalResult, derive_seed
+from clsim.engine.engine import EvalResult
 from clsim.engine.progress import Progress
 from clsim.federated.client import cpu_state
 from clsim.federated.fleet import Tier, online
@@ -41,8 +41,8 @@ from clsim.federated.runtime import Runtime, config_text
 from clsim.federated.state import FedState, load_server, save_server
 from clsim.learner import Learner, finish, grow_model, record_row
 from clsim.report.run_folder import CHECKPOINT, CLIENT_STATE
+from clsim.seeds import CLIENT_SAMPLE, PUBLIC_READS, derive_seed
 WARM_UP = 8  # simulation: nodes queried before round 1, so workers import and load data early
-PUBLIC_STREAM = 7_000_001  # derive_seed stream of the public set's reads (sources that always augment)
 
 
 @dataclass(frozen=True)
@@ -228,7 +228,7 @@ class Federation:
         if seen not in self._public_cache:
             parts = [unaugmented(self.rt.public(i)) for i in range(seen)]
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(derive_seed(self.config.seed, seen, PUBLIC_STREAM))
+                torch.manual_seed(derive_seed(self.config.seed, seen, PUBLIC_READS))
                 batches = [b for part in parts if len(part)
                            for b in self.learner.engine.batches(part, batch_size=1024)]
             if not batches:
@@ -268,7 +268,7 @@ class Federation:
         seed, n = self.config.seed, self.fed.num_clients
         up = [k for k in range(n) if online(self.rt.tiers[k], seed=seed, step=step, client=k)]
         size = min(self.fed.sample_size, len(up))
-        chosen = np.random.default_rng([seed, step, 11]).choice(up, size=size, replace=False) if size else []
+        chosen = np.random.default_rng([seed, step, CLIENT_SAMPLE]).choice(up, size=size, replace=False) if size else []
         return sorted(int(k) for k in chosen), n - len(up)
 
     def _message_config(self, t: int, r: int, step: int, clients: list[int]) -> ConfigRecord:

@@ -24,7 +24,7 @@ import numpy as np
 
 from clsim.errors import ConfigError
 from clsim.metrics import seen_accuracy
-from clsim.report import plots
+import clsim.report.plots as plots
 from clsim.report.run_folder import (
     atomic_write_bytes,
     atomic_write_text,

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from clsim.report.markdown import md_table
+
 MAX_ROUND_ROWS = 60
 
 
@@ -20,8 +22,6 @@ def _pct(v: float | None) -> str:
 
 def federation_markdown(metrics: dict[str, Any]) -> str:
     """Totals, per-experience client accuracy and a per-round table."""
-    from clsim.report.run_folder import md_table
-
     rounds = metrics.get("rounds") or []
     comm = metrics.get("communication_bytes") or {}
     lost = sum(len(r.get("failed", {})) + len(r.get("timed_out", [])) for r in rounds)

@@ -19,7 +19,8 @@ import yaml
 
 from clsim.atomic import atomic_write_bytes, atomic_write_text
 from clsim.errors import ConfigError
-from clsim.report import plots
+import clsim.report.plots as plots
+from clsim.report.markdown import md_cell, md_table  # noqa: F401  (re-exported for compare)
 
 CONFIG = Path("config.yaml")  # the resolved config, enough to rerun the experiment exactly
 METRICS = Path("metrics.json")  # written last: its presence marks a finished run
@@ -237,19 +238,6 @@ def section_label(section: Any) -> str:
         head = f"{section['name']} {section['plugin']}"
     kwargs = ", ".join(f"{k}={v}" for k, v in section.items() if k not in ("name", "plugin"))
     return f"{head} ({kwargs})" if kwargs else str(head)
-
-
-def md_cell(text: Any) -> str:
-    """Make ``text`` safe inside a markdown table cell (a '|' would split the cell)."""
-    return str(text).replace("|", "\\|").replace("\n", " ")
-
-
-def md_table(header: list[str], rows: list[list[Any]]) -> str:
-    """A GitHub-flavoured markdown table."""
-    lines = ["| " + " | ".join(md_cell(h) for h in header) + " |",
-             "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(md_cell(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
 
 
 def report_markdown(*, config: dict, metrics: dict, experiences: list[dict],
