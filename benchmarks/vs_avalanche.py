@@ -70,7 +70,8 @@ from clsim.config import ExperimentConfig, Section, parse_config, parse_section 
 from clsim.engine.checkpoint import RunState  # noqa: E402
 from clsim.engine.engine import Engine, derive_seed  # noqa: E402
 from clsim.engine.progress import Progress  # noqa: E402
-from clsim.experiment import Learner, build_learner, train_and_evaluate  # noqa: E402
+from clsim.experiment import train_and_evaluate  # noqa: E402
+from clsim.learner import Learner  # noqa: E402
 from clsim.registry import STRATEGIES  # noqa: E402
 
 SPEEDUP_TARGET = 2.0
@@ -124,7 +125,8 @@ def clsim_config(args: argparse.Namespace) -> ExperimentConfig:
         "data": {"name": "digits", "shift": 0},  # no augmentation: Avalanche gets raw tensors
         "scenario": {"name": "class_incremental", "n_tasks": 5},
         "model": {"name": "vit", "embed_dim": 64, "depth": 2, "num_heads": 4, "mlp_ratio": 2.0},
-        "strategy": {"name": "ewc", "lambda": 2 * args.ewc_lambda, "mode": "separate", "mask_past": False},
+        "strategy": {"name": "ewc", "lambda": 2 * args.ewc_lambda, "mode": "separate", "mask_past": False,
+                     "fisher": "batch_mean"},  # Avalanche's estimator
         "train": {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
                   "optimizer": "adam", "eval_batch_size": 256},
     })
@@ -148,7 +150,7 @@ def all_items(dataset: Any) -> tuple[torch.Tensor, torch.Tensor]:
 def prepare(args: argparse.Namespace) -> Setup:
     """Build the clsim learner once and extract the tensors Avalanche will see."""
     config = clsim_config(args)
-    learner = build_learner(config, Progress(quiet=True))
+    learner = Learner.build(config, Progress(quiet=True))
     exps = learner.scenario.experiences
     return Setup(config, learner, [all_items(e.train) for e in exps], [all_items(e.test) for e in exps])
 

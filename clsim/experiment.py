@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from clsim.config import ExperimentConfig
 from clsim.engine.checkpoint import RunState, load_checkpoint, save_checkpoint
@@ -32,10 +33,12 @@ def run(config: ExperimentConfig, out_dir: Path, *, resume: bool = False, quiet:
     """
     out_dir = Path(out_dir)
     check_run_dir(config, out_dir, resume=resume)
-    # Tracking opens first: an unusable MLflow URI fails before a teacher or a federation trains.
+    # The checkpoint is read before anything is written: a corrupt one leaves the folder as it was.
+    saved = read_checkpoint(out_dir) if resume and config.federated is None else None
+    # Tracking opens next: an unusable MLflow URI fails before a teacher or a federation trains.
     with tracking(config, out_dir) as tracker:
         if config.federated is None:
-            return run_local(config, out_dir, tracker, resume=resume, quiet=quiet, keep_models=keep_models)
+            return run_local(config, out_dir, tracker, saved=saved, quiet=quiet, keep_models=keep_models)
         from clsim import federated  # a federation learns the stream (clsim.federated, on Flower)
 
         results = federated.run(config, out_dir, resume=resume, quiet=quiet)
@@ -43,14 +46,15 @@ def run(config: ExperimentConfig, out_dir: Path, *, resume: bool = False, quiet:
         return results
 
 
-def run_local(config: ExperimentConfig, out_dir: Path, tracker: Any, *, resume: bool, quiet: bool,
-              keep_models: bool) -> dict[str, Any]:
-    """The local loop of :func:`run`: teacher, then experience by experience with checkpoints."""
+def run_local(config: ExperimentConfig, out_dir: Path, tracker: Any, *, saved: dict[str, Any] | None,
+              quiet: bool, keep_models: bool) -> dict[str, Any]:
+    """The local loop of :func:`run`: teacher, then experience by experience with checkpoints,
+    continuing from ``saved`` (a :func:`read_checkpoint` payload) when resuming."""
     teacher_dir = train_teacher(config, out_dir, quiet=quiet, run=run)  # first, into out_dir/teacher
     with Progress(quiet=quiet) as progress:
         learner = Learner.build(config, progress)
         learner.teacher = load_teacher(config, teacher_dir, learner.scenario, learner.engine.device)
-        state = restore(learner, out_dir) if resume else RunState()  # before any write: a bad file changes nothing
+        state = restore(learner, saved) if saved is not None else RunState()
         write_config(config, out_dir)
         learner.engine.on_step = step_logger(tracker, state) if config.report.enabled else None
         started = time.perf_counter()
@@ -106,17 +110,30 @@ def log_finished(tracker: Any, out_dir: Path, results: dict[str, Any]) -> None:
     tracker.log_summary(results, out_dir)
 
 
-def restore(learner: Learner, out_dir: Path) -> RunState:
-    """Load the last checkpoint into the learner; a fresh state if there is none."""
+def read_checkpoint(out_dir: Path) -> dict[str, Any] | None:
+    """The run folder's last checkpoint (on the CPU), or None when it has none yet."""
     path = out_dir / CHECKPOINT
-    if not path.exists():
-        return RunState()
-    payload = load_checkpoint(path, learner.engine.device)
+    return load_checkpoint(path, "cpu") if path.exists() else None
+
+
+def to_device(obj: Any, device: torch.device) -> Any:
+    """``obj`` (nested dicts, lists, tuples) with every tensor moved to ``device``."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, dict):
+        return {k: to_device(v, device) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_device(v, device) for v in obj)
+    return obj
+
+
+def restore(learner: Learner, payload: dict[str, Any]) -> RunState:
+    """Load a checkpoint payload into the learner; the run state to continue from."""
     # Grow as the run did, one experience at a time: models with per-task parts (GCAB's task
     # tokens and heads) must be rebuilt task by task, not in one step to the final size.
     learner.grow_to(learner.scenario.seen_classes(payload["run"].next_experience - 1))
     learner.model.load_state_dict(payload["model"])
-    learner.strategy.load_state_dict(payload["strategy"])
+    learner.strategy.load_state_dict(to_device(payload["strategy"], learner.engine.device))
     learner.engine.progress.log(f"resuming after experience {payload['run'].next_experience - 1}")
     return payload["run"]
 

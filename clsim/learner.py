@@ -31,6 +31,7 @@ from torch import nn
 from clsim import metrics as M
 from clsim.config.schema import ExperimentConfig
 from clsim.engine.engine import Engine, EvalResult, LossTerm
+from clsim.engine.param_groups import check_globs
 from clsim.engine.progress import Progress
 from clsim.report.run_folder import write_results
 from clsim.scenarios.base import Experience, Scenario
@@ -91,6 +92,7 @@ class Learner:
             torch.manual_seed(config.seed)
             model = config.model.build(scenario.input_shape)
         model = model.to(engine.device)
+        check_globs(model, config.train)  # train.trainable / frozen / lr_scale name real parameters
         strategy = config.strategy.build()
         strategy.setup(model)
         return cls(scenario, model, strategy, engine)

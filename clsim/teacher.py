@@ -27,10 +27,12 @@ from torch import nn
 
 from clsim.atomic import atomic_write
 from clsim.config import ExperimentConfig, parse_config
+from clsim.engine.checkpoint import load_file
 from clsim.errors import ConfigError
 from clsim.scenarios.base import Scenario
 
 TEACHER_DIR = "teacher"
+KEY = "teacher.checkpoint"
 
 
 def snapshot_path(run_dir: Path, index: int) -> Path:
@@ -80,15 +82,18 @@ class Teacher:
     device: torch.device
     run_dir: Path | None = None  # per-experience snapshots of a teacher run
     weights: Path | None = None  # or one weights file for every experience
+    payload: dict | None = dataclasses.field(default=None, repr=False)  # ``weights`` as read (load_teacher)
 
     def for_experience(self, index: int) -> nn.Module:
         model = self.build().to(self.device)
         if self.run_dir is not None:
             for i in range(index + 1):  # grow as the teacher run did, task by task
                 model.grow(self.scenario.seen_classes(i))
-            state, source = torch.load(snapshot_path(self.run_dir, index), map_location=self.device), self.run_dir
+            # weights-only, never pickle: a teacher run folder or file may come from anyone
+            state = load_file(snapshot_path(self.run_dir, index), key=KEY, map_location=self.device)
+            source = self.run_dir
         else:
-            payload = torch.load(self.weights, map_location=self.device, weights_only=False)
+            payload = self.payload if self.payload is not None else read_weights(self.weights, self.device)
             state, source = payload.get("model", payload), self.weights
             model.grow(int(payload.get("num_classes", self.scenario.num_classes)))
         try:
@@ -113,11 +118,23 @@ def load_teacher(config: ExperimentConfig, run_dir: Path | None, scenario: Scena
     t = config.teacher
     if t is None:
         return None
-    if run_dir is None:  # a weights file
+    if run_dir is None:  # a weights file, read now: a bad one fails before the run writes anything
+        weights = Path(t.checkpoint).expanduser()
         return Teacher(lambda: t.model.build(scenario.input_shape), scenario, device,
-                       weights=Path(t.checkpoint).expanduser())
+                       weights=weights, payload=read_weights(weights, device))
     model = check_teacher_run(run_dir, scenario) if t.model is None else t.model
     return Teacher(lambda: model.build(scenario.input_shape), scenario, device, run_dir=run_dir)
+
+
+def read_weights(path: Path, device: torch.device) -> dict:
+    """A teacher weights file: a state dict, or a dict with one under ``model`` (as clsim's
+    checkpoints have). Read weights-only (:func:`~clsim.engine.checkpoint.load_file`): a file
+    that needs pickle, or a truncated one, is a :class:`ConfigError` naming it."""
+    payload = load_file(path, key=KEY, map_location=device)
+    if not isinstance(payload, dict):
+        raise ConfigError(KEY, f"{path} holds a {type(payload).__name__}, expected a state dict "
+                               f"(torch.save(model.state_dict(), FILE))")
+    return payload
 
 
 def check_teacher_run(run_dir: Path, scenario: Scenario):

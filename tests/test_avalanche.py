@@ -123,7 +123,8 @@ def test_avalanche_ewc_plugin_matches_clsim_ewc(tmp_path):
     where Avalanche's are exactly 0, which Adam turned into full-size steps: see anchored.py.)
     """
     ewc_lambda = 500.0
-    ours = run(tmp_path, config({"name": "ewc", "lambda": 2 * ewc_lambda, "mode": "separate", "mask_past": True}), "clsim")
+    ours = run(tmp_path, config({"name": "ewc", "lambda": 2 * ewc_lambda, "mode": "separate", "mask_past": True,
+                                    "fisher": "batch_mean"}), "clsim")
     theirs = run(tmp_path, config(avalanche_strategy("EWCPlugin", ewc_lambda=ewc_lambda, mask_past=True)), "avalanche")
     masked_finetune = run(tmp_path, config({"name": "finetune", "mask_past": True}), "finetune")
 
@@ -164,7 +165,7 @@ def test_plugins_run_inside_federated_clients(tmp_path):
     pytest.importorskip("flwr")
     federated = {"num_clients": 3, "rounds_per_experience": 2, "backend": "inprocess"}
     small = {"name": "class_incremental", "n_tasks": 2, "max_train_per_class": 24, "max_test_per_class": 10}
-    ours = run(tmp_path, config({"name": "ewc", "lambda": 20.0, "mask_past": True}, federated=federated,
+    ours = run(tmp_path, config({"name": "ewc", "lambda": 20.0, "mask_past": True, "fisher": "batch_mean"}, federated=federated,
                                 scenario=small), "clsim")
     theirs = run(tmp_path, config(avalanche_strategy("EWCPlugin", ewc_lambda=10.0, mask_past=True),
                                   federated=federated, scenario=small), "avalanche")

@@ -49,6 +49,16 @@ class TrainConfig:
     sam_adaptive: bool = False
     """ASAM (Kwon et al. 2021): scale SAM's neighbourhood per weight by |w| (use a larger
     sam_rho, e.g. 0.5-2). Ignored when sam_rho is 0."""
+    trainable: list[str] | None = None
+    """Globs over parameter names (``fnmatch``): only the parameters they match train, the rest
+    is frozen. Null: every parameter trains. The rehearsal-free recipe of Smith et al. (2023)
+    fine-tunes only a pretrained ViT's attention QKV projections and the head:
+    ``['*.attn.qkv.*', 'head.*']``. A glob that matches no parameter is an error."""
+    frozen: list[str] = field(default_factory=list)
+    """Globs of parameters that never train, applied after ``trainable`` (e.g. ``['*.norm*']``)."""
+    lr_scale: dict[str, float] = field(default_factory=dict)
+    """Learning-rate multipliers by glob, ``{glob: factor}``: a parameter takes the factor of the
+    first glob (in the order given) that matches it, 1 otherwise (e.g. ``{'head.*': 10}``)."""
 
     def __post_init__(self) -> None:
         for key in ("epochs", "batch_size", "eval_batch_size"):
@@ -60,6 +70,11 @@ class TrainConfig:
         _require("train.sam_rho", self.sam_rho >= 0, "a number >= 0 (0 turns SAM off)", self.sam_rho)
         ok = self.device in ("cpu", "cuda", "auto") or self.device.startswith("cuda:")
         _require("train.device", ok, "'cpu', 'cuda', 'cuda:N' or 'auto'", self.device)
+        _require("train.trainable", self.trainable is None or len(self.trainable) > 0,
+                 "null (all train) or a non-empty list of globs", self.trainable)
+        for glob, factor in self.lr_scale.items():
+            ok = isinstance(factor, (int, float)) and not isinstance(factor, bool) and 0 <= factor < float("inf")
+            _require(f"train.lr_scale.{glob}", ok, "a finite number >= 0", factor)
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from clsim.config.schema import TrainConfig
 from clsim.data.base import supports_batches
+from clsim.engine.param_groups import parameter_groups
 from clsim.engine.progress import Progress
 from clsim.engine.sam import SAM, frozen_batchnorm_stats
 from clsim.errors import ConfigError
@@ -188,7 +189,7 @@ class Engine:
 
     def _optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
         cfg = self.train
-        params = [p for p in model.parameters() if p.requires_grad]
+        params = parameter_groups(model, cfg)  # train.trainable / frozen / lr_scale
         # foreach: one kernel per step for all parameters; PyTorch only defaults to it on CUDA,
         # and on CPU it gives bit-identical updates, faster (many small tensors in a ViT).
         if cfg.optimizer == "sgd":

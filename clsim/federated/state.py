@@ -16,9 +16,11 @@ from typing import Any
 
 import torch
 
-from clsim.atomic import atomic_write
+from clsim.engine.checkpoint import CHECKPOINT_KEY, RESUME_ADVICE, load_plain, save_plain
+from clsim.errors import ConfigError
 
 _STEP = re.compile(r"^s(\d+)\.pt$")
+STATE_KEY = "federated client state"  # the ConfigError key naming an unreadable client state file
 
 
 class ClientStore:
@@ -37,12 +39,13 @@ class ClientStore:
         steps = [s for s in self._steps() if s < before]
         if not steps:
             return None
-        return torch.load(self.dir / f"s{steps[-1]:07d}.pt", map_location="cpu", weights_only=False)
+        # weights-only (clsim.engine.checkpoint.load_file): a state folder may come from elsewhere
+        return load_plain(self.dir / f"s{steps[-1]:07d}.pt", key=STATE_KEY)
 
     def save(self, step: int, state: dict[str, Any]) -> None:
         """Save ``state`` as of ``step``; keep only the newest older state besides it."""
         self.dir.mkdir(parents=True, exist_ok=True)
-        atomic_write(self.dir / f"s{step:07d}.pt", lambda f: torch.save(state, f))
+        save_plain(self.dir / f"s{step:07d}.pt", state)
         older = [s for s in self._steps() if s < step]
         for s in older[:-1]:
             (self.dir / f"s{s:07d}.pt").unlink(missing_ok=True)
@@ -61,6 +64,9 @@ class FedState:
         consolidation: per finished experience, what the end-of-experience phase reached.
         losses: mean client training loss of each experience's last round.
         elapsed_s: wall time spent before this process.
+        final_correct / final_total / variant_rows / variant_correct: as in a local run's
+            :class:`~clsim.engine.checkpoint.RunState` (filled by :func:`clsim.learner.record_row`
+            from the global model's evaluations), so both summarise alike.
     """
 
     experience: int = 0
@@ -71,6 +77,10 @@ class FedState:
     consolidation: list[dict[str, Any]] = field(default_factory=list)
     losses: list[float] = field(default_factory=list)
     elapsed_s: float = 0.0
+    final_correct: list[int] = field(default_factory=list)
+    final_total: list[int] = field(default_factory=list)
+    variant_rows: dict[str, list[list[float | None]]] = field(default_factory=dict)
+    variant_correct: dict[str, list[int]] = field(default_factory=dict)
 
 
 def save_server(path: Path, state: FedState, model: torch.nn.Module, *, strategy: dict[str, Any] | None = None) -> None:
@@ -79,11 +89,19 @@ def save_server(path: Path, state: FedState, model: torch.nn.Module, *, strategy
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"federated": asdict(state), "num_classes": model.num_classes, "model": model.state_dict(),
                "server_strategy": strategy}
-    atomic_write(path, lambda f: torch.save(payload, f))
+    save_plain(path, payload)
 
 
 def load_server(path: Path) -> dict[str, Any]:
-    """The payload of :func:`save_server` with ``federated`` as a :class:`FedState`."""
-    payload = torch.load(path, map_location="cpu", weights_only=False)
-    payload["federated"] = FedState(**payload["federated"])
+    """The payload of :func:`save_server` with ``federated`` as a :class:`FedState`.
+
+    Read weights-only; a truncated, corrupt or pickle-needing file is one :class:`ConfigError`
+    (key ``--resume``) naming it.
+    """
+    payload = load_plain(path, key=CHECKPOINT_KEY, advice=RESUME_ADVICE)
+    try:
+        payload["federated"] = FedState(**payload["federated"])
+    except (TypeError, KeyError) as exc:  # readable, but not a file save_server wrote
+        raise ConfigError(CHECKPOINT_KEY, f"{path} is not a clsim federated checkpoint ({type(exc).__name__}: "
+                                          f"{exc}){RESUME_ADVICE}") from None
     return payload

@@ -37,8 +37,8 @@ class DistilledIncrementalClassifier(IncrementalClassifier):
         num_classes: initial size of both heads (0 until the first experience grows them).
     """
 
-    def __init__(self, backbone: VisionTransformerDistilled, *, num_classes: int = 0):
-        super().__init__(backbone, backbone.num_features, num_classes=0)
+    def __init__(self, backbone: VisionTransformerDistilled, *, num_classes: int = 0, pretrained: bool = False):
+        super().__init__(backbone, backbone.num_features, num_classes=0, pretrained=pretrained)
         self.head_dist = copy.deepcopy(self.head)  # (0, D): empty like `head`, then both grow
         self.grow(num_classes)
 
@@ -113,4 +113,4 @@ def deit(
     if not isinstance(backbone, VisionTransformerDistilled):
         raise ConfigError("model.arch", f"expected a distilled DeiT (e.g. deit_tiny_distilled_patch16_224), "
                           f"got '{arch}' ({type(backbone).__name__}, no distillation token)")
-    return DistilledIncrementalClassifier(backbone)
+    return DistilledIncrementalClassifier(backbone, pretrained=pretrained is not False)

@@ -19,12 +19,15 @@ class IncrementalClassifier(nn.Module):
         backbone: maps ``(B, C, H, W)`` images to ``(B, feature_dim)`` features.
         feature_dim: width of the backbone's output.
         num_classes: initial head size (0 until the first experience grows it).
+        pretrained: the backbone starts from pretrained weights (L2 / EWC then anchor at them
+            during the first task, as "A Closer Look at Rehearsal-Free CL" does).
     """
 
-    def __init__(self, backbone: nn.Module, feature_dim: int, *, num_classes: int = 0):
+    def __init__(self, backbone: nn.Module, feature_dim: int, *, num_classes: int = 0, pretrained: bool = False):
         super().__init__()
         self.backbone = backbone
         self.feature_dim = feature_dim
+        self.pretrained = pretrained
         with warnings.catch_warnings():  # an empty head (no class yet) is expected here
             warnings.filterwarnings("ignore", "Initializing zero-element tensors")
             self.head = nn.Linear(feature_dim, num_classes)

@@ -1,7 +1,9 @@
 """Models from timm: ViTs of any size, ResNets, and any other timm architecture by name.
 
 Weights: ``pretrained: false`` (default), ``pretrained: true`` (timm's hub weights, online
-only) or ``pretrained: path/to/weights.{pth,safetensors}`` (a local file, offline).
+only) or ``pretrained: path/to/weights.{pth,safetensors}`` (a local file, offline). A local
+file is read by clsim weights-only (:func:`clsim.engine.checkpoint.load_file`, never pickle) and
+handed to timm as a state dict, which timm then adapts (pos-embed resize, head dropped).
 """
 
 from __future__ import annotations
@@ -10,8 +12,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import timm
+import torch
 from torch import nn
 
+from clsim.engine.checkpoint import load_file
 from clsim.errors import ConfigError, did_you_mean
 from clsim.models.heads import IncrementalClassifier
 from clsim.registry import MODELS
@@ -27,18 +31,45 @@ def create_backbone(arch: str, pretrained: bool | str, **kwargs: Any) -> nn.Modu
         path = Path(pretrained).expanduser()
         if not path.is_file():
             raise ConfigError("model.pretrained", f"weights file '{path.resolve()}' not found")
-        options |= {"pretrained": True, "pretrained_cfg_overlay": {"file": str(path)}}
+        # timm's own file loading is only as safe as the installed timm; clsim reads the file
+        # itself, weights-only, and passes timm the tensors (its highest-priority source).
+        options |= {"pretrained": True, "pretrained_cfg_overlay": {"file": str(path),
+                                                                   "state_dict": pretrained_state(path)}}
     else:
         options["pretrained"] = pretrained
     try:
-        return timm.create_model(arch, **options)
+        backbone = timm.create_model(arch, **options)
     except TypeError as exc:  # timm rejects an option this architecture does not take
         raise ConfigError("model", f"timm '{arch}' rejected the options {sorted(kwargs)}: {exc}")
     except (OSError, RuntimeError) as exc:
         if pretrained is True:
             raise ConfigError("model.pretrained", f"could not fetch hub weights for '{arch}' "
                               f"({type(exc).__name__}); offline, pass a local weights file path")
+        if isinstance(pretrained, str):
+            raise ConfigError("model.pretrained", f"{pretrained} does not fit timm '{arch}' with these "
+                                                  f"options: {str(exc).strip().splitlines()[-1].strip()}") from None
         raise
+    backbone.pretrained_cfg.pop("state_dict", None)  # timm keeps its cfg on the model: free the copy
+    return backbone
+
+
+def pretrained_state(path: Path) -> dict[str, Any]:
+    """The state dict in a local weights file, read weights-only (``.pth``/``.pt``/``.safetensors``).
+
+    Like timm's ``load_state_dict``: a training checkpoint's ``state_dict_ema``/``model_ema``/
+    ``state_dict``/``model`` entry, with ``module.`` prefixes (DataParallel) removed. A file that
+    needs pickle is refused with a one-line :class:`ConfigError` saying how to convert it.
+    """
+    state = load_file(path, key="model.pretrained")
+    if isinstance(state, dict):
+        for key in ("state_dict_ema", "model_ema", "state_dict", "model"):
+            if isinstance(state.get(key), dict):
+                state = state[key]
+                break
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ConfigError("model.pretrained", f"{path} holds no state dict of tensors "
+                                              f"(save one with torch.save(model.state_dict(), FILE))")
+    return {k.removeprefix("module."): v for k, v in state.items()}
 
 
 def _default_patch(image_size: int) -> int:
@@ -104,7 +135,7 @@ def vit(
                          num_heads=num_heads, mlp_ratio=mlp_ratio, drop_path_rate=drop_path_rate)
     backbone = create_backbone(arch, pretrained, global_pool=global_pool,
                                class_token=global_pool == "token", **sizing)
-    return IncrementalClassifier(backbone, backbone.num_features)
+    return IncrementalClassifier(backbone, backbone.num_features, pretrained=pretrained is not False)
 
 
 @MODELS.register("resnet")
@@ -131,7 +162,7 @@ def resnet(
         else:  # deep stem (resnet*d, resnet*t): three 3x3 convs, only the first strided
             backbone.conv1[0].stride = (1, 1)
         backbone.maxpool = nn.Identity()
-    return IncrementalClassifier(backbone, backbone.num_features)
+    return IncrementalClassifier(backbone, backbone.num_features, pretrained=pretrained is not False)
 
 
 @MODELS.register("timm")
@@ -149,4 +180,4 @@ def timm_model(
         options: extra keyword arguments for ``timm.create_model`` (e.g. img_size).
     """
     backbone = create_backbone(arch, pretrained, in_chans=input_shape[0], **options)
-    return IncrementalClassifier(backbone, backbone.num_features)
+    return IncrementalClassifier(backbone, backbone.num_features, pretrained=pretrained is not False)

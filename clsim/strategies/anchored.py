@@ -2,35 +2,50 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
+from torch.utils.data import Dataset
 
 from clsim.errors import ConfigError
-from clsim.strategies.base import Strategy
+from clsim.strategies.base import Strategy, Task
 from clsim.strategies.params import ParamSpec, overlap, select_parameters
 
 Tensors = dict[str, torch.Tensor]
 Anchor = tuple[Tensors, Tensors | None]
+FirstAnchor = Literal["pretrained", "start", "none"]
 
 
 class AnchoredPenalty(Strategy):
     """Cross-entropy + lambda/2 * sum_k sum_i w_k,i (theta_i - theta*_k,i)^2.
 
     Each anchor k is a snapshot theta*_k of the selected parameters, with per-parameter
-    importance w_k (None = 1, i.e. plain L2). Subclasses decide when anchors are taken and
-    what their importances are.
+    importance w_k (None = 1, i.e. plain L2). Subclasses decide when anchors are taken after a
+    task and what their importances are.
+
+    The first task: the authors' code of "A Closer Look at Rehearsal-Free Continual Learning"
+    (Smith et al. 2023; their ``init_task_param_reg``) regularises toward the pretrained weights
+    from the first task on, not only from the second. ``first_task_anchor`` names the choice:
+    'pretrained' (default) anchors at the weights the first task starts from when the model
+    was built from pretrained weights, 'start' does so for any model, 'none' leaves the first
+    task unpenalised (the classic L2 / EWC). That anchor's importance is
+    :meth:`first_importance` (1 for L2; 0 for EWC's Fisher term, as in the authors' code).
     """
 
     keeps_parameter_state = True  # anchors and importances, per parameter position
 
-    def __init__(self, *, lambda_: float, params: ParamSpec, mask_past: bool):
+    def __init__(self, *, lambda_: float, params: ParamSpec, mask_past: bool,
+                 first_task_anchor: FirstAnchor = "pretrained"):
         if lambda_ < 0:
             raise ConfigError("strategy.lambda", f"expected a number >= 0, got {lambda_}")
+        if first_task_anchor not in ("pretrained", "start", "none"):
+            raise ConfigError("strategy.first_task_anchor", f"expected 'pretrained', 'start' or 'none', "
+                                                            f"got {first_task_anchor!r}")
         self.lambda_ = lambda_
         self.params = params
         self.mask_past = mask_past
+        self.first_task_anchor = first_task_anchor
         self.names: list[str] = []
         self.anchors = []
 
@@ -47,6 +62,22 @@ class AnchoredPenalty(Strategy):
 
     def setup(self, model: nn.Module) -> None:
         self.names = select_parameters(model, self.params)
+
+    def before_task(self, model: nn.Module, task: Task) -> Dataset:
+        data = super().before_task(model, task)
+        if not self.anchors and self.anchors_first_task(model):
+            self.anchors = [(self.snapshot(model), self.first_importance(model))]
+        return data
+
+    def anchors_first_task(self, model: nn.Module) -> bool:
+        """Whether the first task is penalised toward the weights it starts from."""
+        if self.first_task_anchor == "none":
+            return False
+        return self.first_task_anchor == "start" or bool(getattr(model, "pretrained", False))
+
+    def first_importance(self, model: nn.Module) -> Tensors | None:
+        """The importance of the first-task anchor (None: 1, plain L2)."""
+        return None
 
     def snapshot(self, model: nn.Module) -> Tensors:
         """Detached copies of the selected parameters."""

@@ -33,13 +33,17 @@ the plugin's buffer, cycled in a seeded random order, as Avalanche's ``ReplayDat
 Checkpoints (``--resume``, federated clients) store the plugin object itself (its importances,
 anchors, memories) and the clock, so a resumed run continues exactly; replay buffers are first
 copied into tensors, so a checkpoint holds the buffer's items, not the whole data set they
-came from.
+came from. Checkpoints are read weights-only (:mod:`clsim.engine.checkpoint`), so the plugin
+travels in them as pickled bytes, read back by an unpickler that admits only Avalanche's,
+torch's and NumPy's classes and plain containers (:func:`load_plugin_state`).
 """
 
 from __future__ import annotations
 
 import difflib
 import inspect
+import io
+import pickle
 import warnings
 import weakref
 from collections.abc import Callable
@@ -213,6 +217,34 @@ class _ZeroGrad:
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.model.zero_grad(set_to_none=set_to_none)
+
+
+# What a pickled plugin may reference: Avalanche's own classes, torch and NumPy types and
+# plain containers. Anything else (os.system, subprocess, ...) in a tampered checkpoint is refused.
+_PLUGIN_MODULES = ("avalanche.", "torch", "numpy", "collections", "copyreg", "_codecs", "builtins", "functools")
+_UNSAFE_BUILTINS = {"eval", "exec", "compile", "open", "__import__", "setattr", "delattr",
+                    "globals", "locals", "vars", "input", "breakpoint"}
+
+
+class _PluginUnpickler(pickle.Unpickler):
+    """Unpickles a checkpointed Avalanche plugin, allowing only the modules it is made of.
+
+    A guard against a checkpoint that names other code (``os.system``), not a sandbox: what
+    Avalanche, torch and NumPy can do when called is allowed. Resume Avalanche runs only from
+    run folders you made."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        allowed = module == "builtins" and name not in _UNSAFE_BUILTINS or \
+            module != "builtins" and any(module == m.rstrip(".") or module.startswith(m) for m in _PLUGIN_MODULES)
+        if not allowed:
+            raise ConfigError("--resume", f"the checkpoint's Avalanche plugin state refers to {module}.{name}, "
+                                          f"which no Avalanche plugin needs: refused (is the file from elsewhere?)")
+        return super().find_class(module, name)
+
+
+def load_plugin_state(data: bytes) -> Any:
+    """The plugin object :meth:`AvalancheStrategy.state_dict` saved, through :class:`_PluginUnpickler`."""
+    return _PluginUnpickler(io.BytesIO(data)).load()
 
 
 class PluginExperience:
@@ -511,13 +543,14 @@ class AvalancheStrategy(Strategy):
     # -- checkpoints
 
     def state_dict(self) -> dict[str, Any]:
+        """The plugin object (pickled to bytes: checkpoints hold plain data only) and the clock."""
         clock = {k: v for k, v in vars(self.host.clock).items() if isinstance(v, int)}
-        return {"plugin_name": self.plugin_name, "plugin": self.plugin, "clock": clock}
+        return {"plugin_name": self.plugin_name, "plugin": pickle.dumps(self.plugin), "clock": clock}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state["plugin_name"] != self.plugin_name:
             raise ConfigError("strategy.plugin", f"the checkpoint holds {state['plugin_name']}, "
                                                  f"the config asks for {self.plugin_name}")
-        self.plugin = state["plugin"]
+        self.plugin = load_plugin_state(state["plugin"])
         for key, value in state["clock"].items():
             setattr(self.host.clock, key, value)
