@@ -129,7 +129,9 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def default_report_dir(paths: list[Path]) -> Path:
     """``SWEEP_DIR/report`` for one folder that is not itself a run, else ``runs/comparison``."""
-    if len(paths) == 1 and not (paths[0] / "metrics.json").exists():
+    from clsim.report.run_folder import METRICS
+
+    if len(paths) == 1 and not (paths[0] / METRICS).exists():
         return paths[0] / "report"
     return Path("runs") / "comparison"
 

@@ -50,7 +50,6 @@ from clsim.config import load_config, read_yaml
 from clsim.errors import ConfigError, did_you_mean
 
 SWEEP_KEYS = ("base", "grid", "seeds", "set", "out")
-CHECKPOINT = Path("checkpoints") / "last.pt"  # what ``clsim run --resume`` continues from
 LOGS = "logs"
 THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")  # torch's and BLAS's pools
 STOP_GRACE_S = 10.0  # how long a stopped point may take to exit before it is killed
@@ -271,16 +270,18 @@ def _check_point(path: Path, point: Point) -> None:
 def classify(point: Point) -> str:
     """``done`` (finished, same config), ``resume`` (checkpoint), ``stale`` (finished with another
     config: never overwritten) or ``new``."""
-    if (point.out / "metrics.json").is_file():
+    from clsim.report.run_folder import CHECKPOINT, METRICS  # the run folder's file names
+
+    if (point.out / METRICS).is_file():
         return "done" if _same_config(point) else "stale"
     return "resume" if (point.out / CHECKPOINT).is_file() else "new"
 
 
 def _same_config(point: Point) -> bool:
     from clsim.config import parse_config
-    from clsim.report.run_folder import first_difference
+    from clsim.report.run_folder import CONFIG, first_difference
 
-    saved = point.out / "config.yaml"
+    saved = point.out / CONFIG
     if not saved.is_file():
         return False
     try:

@@ -26,6 +26,8 @@ from clsim.errors import ConfigError
 from clsim.metrics import seen_accuracy
 import clsim.report.plots as plots
 from clsim.report.run_folder import (
+    CONFIG,
+    METRICS,
     atomic_write_bytes,
     atomic_write_text,
     fmt_percent,
@@ -88,7 +90,7 @@ def find_runs(paths: list[Path]) -> list[Path]:
     the run is unfinished). A run named twice is listed once."""
     found: list[Path] = []
     for path in map(Path, paths):
-        if (path / "metrics.json").is_file():
+        if (path / METRICS).is_file():
             found.append(path)
             continue
         if path.exists() and not path.is_dir():
@@ -113,14 +115,14 @@ def _runs_under(root: Path) -> list[Path]:
     order = _sweep_order(root)
     if order:  # a sweep: its points, nothing else that lies in its folder
         points = sorted(order, key=order.__getitem__)
-        return [p for p in points if (p / "metrics.json").is_file()]
+        return [p for p in points if (p / METRICS).is_file()]
     runs = []
     for folder, subdirs, files in os.walk(root):
         subdirs.sort()
-        if "config.yaml" in files or "metrics.json" in files:
+        if str(CONFIG) in files or str(METRICS) in files:
             # A run folder, finished or not: what lies inside (a teacher run) belongs to it.
             subdirs.clear()
-            if "metrics.json" in files:
+            if str(METRICS) in files:
                 runs.append(Path(folder))
     return runs
 
