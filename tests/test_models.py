@@ -21,6 +21,8 @@ TINY: dict[str, dict] = {
     "cnn": {"channels": [4, 8], "hidden": 16},
     "vit": {"embed_dim": 16, "depth": 1, "num_heads": 2},
     "deit": {"embed_dim": 16, "depth": 1, "num_heads": 2},
+    "dhvt": {"embed_dim": 16, "depth": 1, "num_heads": 2},
+    "dhvt_distilled": {"embed_dim": 16, "depth": 1, "num_heads": 2},
     "resnet": {},  # resnet18, the default: ~0.1 s to build
     "timm": {"arch": "test_efficientnet"},  # timm's own 100k-parameter test model
 }

@@ -139,11 +139,13 @@ def parse_teacher(raw: Any, train: TrainConfig, base_dir: Path | None) -> Teache
 
 
 def _check_model(config: ExperimentConfig, strategy: Any) -> None:
-    """A strategy that trains one registered model (``required_model``) gets it: caught here,
+    """A strategy that trains given registered models (``required_model``) gets one: caught here,
     before any data loads or a teacher trains, rather than in ``setup`` mid-run."""
     required = strategy.required_model
-    if required is not None and config.model.name != required:
-        raise ConfigError("model.name", f"strategy '{config.strategy.name}' trains the '{required}' model, "
+    allowed = (required,) if isinstance(required, str) else tuple(required or ())
+    if allowed and config.model.name not in allowed:
+        names = " or ".join(f"'{name}'" for name in allowed)
+        raise ConfigError("model.name", f"strategy '{config.strategy.name}' trains the {names} model, "
                                         f"got '{config.model.name}'")
 
 

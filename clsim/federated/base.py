@@ -30,11 +30,14 @@ class ServerStrategy:
         sub_models: sends width-scaled sub-models (the model must be one clsim can scale).
         uses_public_data: learns on a public set the server holds out (``federated.public_fraction``).
         server_work: works on the server beyond averaging (gets :meth:`bind`; ``server_s`` is recorded).
+        bn_stats: after each aggregation the round's participants compute the new global model's
+            batch-norm statistics (:meth:`configure_bn_stats` / :meth:`aggregate_bn_stats`).
     """
 
     sub_models: ClassVar[bool] = False
     uses_public_data: ClassVar[bool] = False
     server_work: ClassVar[bool] = False
+    bn_stats: bool = False  # static BN (HeteroFL's sBN): after aggregation, clients compute the BN statistics
 
     def bind(self, context: Any) -> None:
         """Receive the run's :class:`~clsim.federated.substrategies.ServerContext` before the
@@ -55,6 +58,14 @@ class ServerStrategy:
 
     def aggregate_train(self, server_round: int, replies: list[Any]) -> tuple[Any, Any]:
         """``(ArrayRecord of the new global model or None, MetricRecord)`` from the replies."""
+        raise NotImplementedError
+
+    def configure_bn_stats(self, server_round: int, config: Any, nodes: list[int]) -> list[Any]:
+        """The BN-statistics queries to ``nodes`` (``bn_stats`` strategies)."""
+        raise NotImplementedError
+
+    def aggregate_bn_stats(self, server_round: int, replies: list[Any]) -> Any:
+        """The global model with the statistics the replies computed, or None (``bn_stats``)."""
         raise NotImplementedError
 
     def consolidate_arrays(self, server_round: int, arrays: Any, tier: Any) -> tuple[Any, float]:

@@ -295,6 +295,8 @@ class Federation:
             server_started = time.perf_counter()
             new, _ = self.strategy.aggregate_train(server_round, kept)
             server_s += time.perf_counter() - server_started
+            if new is not None and self.strategy.bn_stats:  # sBN (HeteroFL, FedRolex)
+                new = self._bn_stats(grid, server_round, t, r, step, kept, record) or new
             if new is not None:
                 self.learner.model.load_state_dict(new.to_torch_state_dict())
         last = r == R - 1
@@ -308,6 +310,17 @@ class Federation:
             record["server_s"] = round(server_s, 4)
         self.state.rounds.append(record)
         self._log_round(record)
+
+    def _bn_stats(self, grid: Any, server_round: int, t: int, r: int, step: int, kept: list[Message],
+                  record: dict[str, Any]) -> ArrayRecord | None:
+        """sBN: the round's participants compute the new global model's BN statistics on their data."""
+        nodes = [m.metadata.src_node_id for m in kept]
+        clients = [k for k in sorted(self.nodes) if self.nodes[k].node_id in nodes]
+        messages = self.strategy.configure_bn_stats(server_round, self._message_config(t, r, step, clients), nodes)
+        replies = list(grid.send_and_receive(messages, timeout=self.fed.round_timeout_s))
+        record["bytes_down"] += sum(bytes_of(m.content) for m in messages)
+        record["bytes_up"] += sum(bytes_of(m.content) for m in replies if not m.has_error())
+        return self.strategy.aggregate_bn_stats(server_round, replies)
 
     def _sort_replies(self, messages: list[Message], replies: list[Message], chosen: list[int]) -> dict[str, Any]:
         """Arrivals, failures, time-outs, stragglers and bytes of one round; ``_kept`` to aggregate."""

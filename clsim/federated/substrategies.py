@@ -24,7 +24,7 @@ from torch import nn
 
 from clsim.errors import ConfigError
 from clsim.federated.base import ServerStrategy
-from clsim.federated.submodels import aggregate_windows, build_submodel, slice_state
+from clsim.federated.submodels import aggregate_windows, build_submodel, fold_bn_statistics, slice_state
 from clsim.registry import SERVER_STRATEGIES
 
 
@@ -79,12 +79,14 @@ def num_classes_of(state: dict[str, torch.Tensor]) -> int:
 
 @dataclass
 class Update:
-    """One client's reply: its index, width ratio, trained sub-model and example count."""
+    """One client's reply: its index, width ratio, trained sub-model, example count and (when
+    the strategy aggregates the head per label) the classes it holds."""
 
     client: int
     ratio: float
     state: dict[str, torch.Tensor]
     num_examples: int
+    labels: list[int] | None = None
 
 
 class SubModelStrategy(ServerStrategy):
@@ -93,16 +95,30 @@ class SubModelStrategy(ServerStrategy):
     Args:
         weighting: 'examples' weights each client's elements by its training examples (so a
             fleet of full-size clients is FedAvg exactly); 'uniform' counts clients, as the
-            HeteroFL paper's code does.
+            HeteroFL and FedRolex code do.
+        scaler: HeteroFL's width ``Scaler``: a client of rate r divides every scaled layer's
+            output by r / global rate in training.
+        static_bn: sBN: clients train with batch statistics and track none; after aggregation
+            the global model's BN statistics are computed on the participants' data
+            (:meth:`configure_bn_stats` / :meth:`aggregate_bn_stats`).
+        mask_absent: clients zero the training logits of the classes they hold no data for.
+        label_aggregation: the head row of class c is averaged over the clients holding c only.
     """
 
     sub_models = True  # the config refuses models :mod:`clsim.federated.submodels` cannot scale
     server_work = True  # slices and folds on the server (and needs model templates: bind)
 
-    def __init__(self, *, weighting: Literal["examples", "uniform"] = "examples"):
+    def __init__(self, *, weighting: Literal["examples", "uniform"] = "examples", scaler: bool = False,
+                 static_bn: bool = False, mask_absent: bool = False, label_aggregation: bool = False):
         if weighting not in ("examples", "uniform"):
             raise ConfigError("federated.server.weighting", f"expected 'examples' or 'uniform', got {weighting!r}")
+        for key, value in (("scaler", scaler), ("static_bn", static_bn), ("mask_absent", mask_absent),
+                           ("label_aggregation", label_aggregation)):
+            if not isinstance(value, bool):
+                raise ConfigError(f"federated.server.{key}", f"expected true or false, got {value!r}")
         self.weighting = weighting
+        self.scaler, self.static_bn, self.mask_absent = scaler, static_bn, mask_absent
+        self.label_aggregation = label_aggregation
         self.ctx: ServerContext | None = None
         self._sent: dict[int, tuple[int, float]] = {}
         self._global: dict[str, torch.Tensor] = {}
@@ -133,10 +149,29 @@ class SubModelStrategy(ServerStrategy):
     def combine(self, server_round: int, state: dict[str, torch.Tensor], updates: list[Update]) -> dict[str, torch.Tensor]:
         """The new global state from the clients' updates."""
         offset = self.offset(server_round)
-        return aggregate_windows(state, [(u.state, self._weight(u), offset) for u in updates])
+        labels = [u.labels for u in updates] if self.label_aggregation else None
+        return aggregate_windows(state, [(u.state, self._weight(u), offset) for u in updates], labels)
 
     def _weight(self, update: Update) -> float:
         return float(update.num_examples) if self.weighting == "examples" else 1.0
+
+    def client_options(self, ratio: float) -> dict[str, Any]:
+        """What a client of width ``ratio`` needs in its message config to train as the method does.
+
+        ``scaler-rate`` is HeteroFL's ``model_rate / global_model_rate``; ``static-bn``,
+        ``mask-absent`` and ``report-labels`` switch sBN, logit masking and the label report on.
+        Empty when every option is off, so such a client trains exactly as under FedAvg.
+        """
+        options: dict[str, Any] = {}
+        if self.scaler and ratio < self.global_ratio:
+            options["scaler-rate"] = ratio / self.global_ratio
+        if self.static_bn:
+            options["static-bn"] = True
+        if self.mask_absent:
+            options["mask-absent"] = True
+        if self.label_aggregation:
+            options["report-labels"] = True
+        return options
 
     # ------------------------------------------------------------------ the driver's calls
     def configure_train(self, server_round: int, arrays: Any, config: Any, grid: Any) -> list[Any]:
@@ -152,8 +187,8 @@ class SubModelStrategy(ServerStrategy):
             if ratio not in payloads:
                 payloads[ratio] = ArrayRecord(self.submodel(server_round, state, ratio))
             self._sent[node_id] = (info.client, ratio)
-            content = RecordDict({"arrays": payloads[ratio],
-                                  "config": ConfigRecord(dict(config) | {"model-ratio": ratio})})
+            content = RecordDict({"arrays": payloads[ratio], "config": ConfigRecord(
+                dict(config) | {"model-ratio": ratio} | self.client_options(ratio))})
             messages.append(Message(content, dst_node_id=node_id, message_type="train"))
         return messages
 
@@ -164,12 +199,48 @@ class SubModelStrategy(ServerStrategy):
         updates = []
         for reply in replies:
             client, ratio = self._sent[reply.metadata.src_node_id]
+            metrics = reply.content["metrics"]
+            labels = [int(c) for c in metrics["labels"]] if "labels" in metrics else None
             updates.append(Update(client, ratio, reply.content["arrays"].to_torch_state_dict(),
-                                  int(reply.content["metrics"]["num-examples"])))
+                                  int(metrics["num-examples"]), labels))
         if not updates:
             return None, MetricRecord({})
         new = self.combine(server_round, self._global, updates)
+        self._global = new
         return ArrayRecord(new), MetricRecord({})
+
+    # ------------------------------------------------------------------ sBN: the global model's statistics
+    @property
+    def bn_stats(self) -> bool:
+        """Whether the driver should run the sBN query after aggregation (``static_bn``)."""
+        return self.static_bn
+
+    def configure_bn_stats(self, server_round: int, config: Any, node_ids: list[int]) -> list[Any]:
+        """One ``query.bn_stats`` message per node: the new global model, at the global width and
+        without a scaler (HeteroFL's ``stats`` builds the global model, rate 1), whose BN
+        statistics the client computes on its partition of the current experience."""
+        from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+
+        content = RecordDict({"arrays": ArrayRecord(self._global),
+                              "config": ConfigRecord(dict(config) | {"model-ratio": self.global_ratio})})
+        return [Message(content, dst_node_id=node, message_type="query.bn_stats") for node in node_ids]
+
+    def aggregate_bn_stats(self, server_round: int, replies: list[Any]) -> Any:
+        """The global model with its BN running statistics the mean over every replying client's
+        batches of the batch mean / unbiased variance (HeteroFL's ``momentum=None`` average);
+        None when no client answered with data (the statistics stay as they were)."""
+        from flwr.app import ArrayRecord
+
+        parts = []
+        for reply in replies:
+            if reply.has_error():
+                continue
+            sums = reply.content["arrays"].to_torch_state_dict()
+            parts.append((sums, int(reply.content["metrics"]["batches"])))
+        if not any(n for _, n in parts):
+            return None
+        self._global = fold_bn_statistics(self._global, [p for p in parts if p[1]])
+        return ArrayRecord(self._global)
 
     def consolidate_arrays(self, server_round: int, arrays: Any, tier: Any) -> tuple[Any, float]:
         """The sub-model (and its ratio) a client of ``tier`` consolidates with at an experience's end."""
@@ -185,14 +256,21 @@ class HeteroFL(SubModelStrategy):
     """HeteroFL (Diao et al., ICLR 2021): static top-left channel slices, per-element averaging.
 
     Each client trains the top-left slice of every hidden dimension; each global element is
-    averaged over the clients that hold it.
+    averaged over the clients that hold it. The defaults are the public code's
+    (``src/fed.py``, ``src/models``, ``src/train_classifier_fed.py``): clients counted
+    uniformly, the width ``Scaler``, sBN, masked logits of absent classes and per-label head
+    aggregation (see :class:`SubModelStrategy` and docs/fedconv.md for each).
 
     Args:
-        weighting: 'examples' (example-weighted, FedAvg when every client is full size) or 'uniform'.
+        weighting: 'uniform' (the code: each client counts 1) or 'examples' (example-weighted:
+            FedAvg when every client is full size and all other options are off).
+        scaler, static_bn, mask_absent, label_aggregation: the code's pieces, each switchable.
     """
 
-    def __init__(self, *, weighting: Literal["examples", "uniform"] = "examples"):
-        super().__init__(weighting=weighting)
+    def __init__(self, *, weighting: Literal["examples", "uniform"] = "uniform", scaler: bool = True,
+                 static_bn: bool = True, mask_absent: bool = True, label_aggregation: bool = True):
+        super().__init__(weighting=weighting, scaler=scaler, static_bn=static_bn,
+                         mask_absent=mask_absent, label_aggregation=label_aggregation)
 
 
 @SERVER_STRATEGIES.register("fedrolex")
@@ -204,12 +282,23 @@ class FedRolex(SubModelStrategy):
     (``keeps_parameter_state``) are refused at parse time
     (:func:`clsim.federated.config.check_with_strategy`).
 
+    The defaults are the public code's (``resnet_server.py``, ``resnet_client.py``,
+    ``models/resnet.py``): the Scaler, batch-statistics BN in training, masked logits and
+    per-label head aggregation as HeteroFL, and its default ``weighting: avg``, i.e. every
+    element averaged over the clients holding it, each counting 1 (its per-element update
+    counts weigh every client of a round alike, so they cancel). The code evaluates its
+    global model with test-batch statistics, not a stats query; ``static_bn: true`` here runs
+    HeteroFL's query instead (documented in docs/fedconv.md).
+
     Args:
-        weighting: 'examples' or 'uniform' (see ``heterofl``).
+        weighting: 'uniform' (the code) or 'examples'.
+        scaler, static_bn, mask_absent, label_aggregation: as ``heterofl``.
     """
 
-    def __init__(self, *, weighting: Literal["examples", "uniform"] = "examples"):
-        super().__init__(weighting=weighting)
+    def __init__(self, *, weighting: Literal["examples", "uniform"] = "uniform", scaler: bool = True,
+                 static_bn: bool = True, mask_absent: bool = True, label_aggregation: bool = True):
+        super().__init__(weighting=weighting, scaler=scaler, static_bn=static_bn,
+                         mask_absent=mask_absent, label_aggregation=label_aggregation)
 
     def offset(self, server_round: int) -> int:
         return server_round - 1

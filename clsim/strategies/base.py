@@ -96,7 +96,8 @@ class Strategy:
 
     Capabilities (class attributes, read by the config checks and the Learner):
         uses_teacher: the run must give a teacher (``teacher:`` section); it arrives in ``task.teacher``.
-        required_model: the registered model this strategy trains (None: any).
+        required_model: the registered model this strategy trains, or a tuple of the models it
+            can train (None: any).
         keeps_parameter_state: state indexed by parameter position (anchors, importances),
             only meaningful while index i stays the same weight (refused with FedRolex).
         mask_past: train with the logits of earlier experiences' classes masked out, so new
@@ -105,7 +106,7 @@ class Strategy:
     """
 
     uses_teacher: bool = False
-    required_model: str | None = None
+    required_model: str | tuple[str, ...] | None = None
     keeps_parameter_state: bool = False
     mask_past: bool = False
     first_new_class: int = 0
