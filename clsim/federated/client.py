@@ -32,7 +32,7 @@ from clsim.federated.fleet import Tier, injected_fault
 from clsim.federated.proximal import proximal_term
 from clsim.federated.runtime import Runtime, runtime
 from clsim.federated.state import ClientStore
-from clsim.federated.submodels import build_submodel
+from clsim.federated.submodels import bn_statistics, build_submodel, held_labels, mask_absent
 from clsim.learner import Learner
 from clsim.scenarios.base import Experience
 
@@ -95,7 +95,9 @@ def build_local(job: Job, global_state: dict[str, torch.Tensor]) -> Learner:
     config, scenario = job.rt.config, job.rt.scenario
     torch.manual_seed(config.seed)
     # a sub-model strategy (HeteroFL, FedConv) sends this client's tier a width-scaled model
-    model = build_submodel(config.model, scenario.input_shape, float(job.config.get("model-ratio", 1.0)))
+    model = build_submodel(config.model, scenario.input_shape, float(job.config.get("model-ratio", 1.0)),
+                           scaler_rate=float(job.config.get("scaler-rate", 1.0)),
+                           static_bn=bool(job.config.get("static-bn", False)))
     learner = Learner.build(config, scenario=scenario, model=model)
     saved = job.store.load(before=job.step)
     if saved is not None:
@@ -171,6 +173,10 @@ def _train(job: Job, msg: Message) -> Message:
     mu = float(job.config.get("proximal-mu", 0.0))
     terms = [proximal_term(learner.model, mu=mu)] if mu > 0 else []
     exp, past = job.experiences()
+    # HeteroFL / FedRolex: the classes this client holds (now or in an experience it met before)
+    labels = held_labels([exp.train, *(e.train for e in past)])
+    if job.config.get("mask-absent", False):
+        mask_absent(learner.model, labels)
     epochs = int(job.config["local-epochs"])
     stream = job.rt.stream_id(job.client, job.experience, job.round)
     loss, examples = learner.learn(exp, past, stream=stream, epochs=epochs, terms=terms, label="local")
@@ -181,8 +187,28 @@ def _train(job: Job, msg: Message) -> Message:
     metrics = MetricRecord({"num-examples": examples, "train-loss": loss, "local-epochs": epochs,
                             "partition-id": job.client, "delay-s": delay,
                             "wall-s": time.perf_counter() - started})
+    if job.config.get("report-labels", False):
+        metrics["labels"] = labels
     arrays = ArrayRecord(cpu_state(learner.model))
     return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
+
+
+@app.query("bn_stats")
+def bn_stats(msg: Message, context: Context) -> Message:
+    """sBN (HeteroFL): the BN statistics of the global model sent, from train-mode passes over
+    this client's partition of the current experience (no gradient, nothing trained)."""
+    job = _job(msg, context)
+    with cpu_threads(job):
+        learner = build_local(job, msg.content["arrays"].to_torch_state_dict())
+        exp, _ = job.experiences()
+        engine = learner.engine
+        stream = job.rt.stream_id(job.client, job.experience, job.round)
+        with torch.random.fork_rng(devices=[]):  # augmentation draws: not the training stream's
+            torch.manual_seed(stream)
+            sums, batches = bn_statistics(learner.model, engine.batches(
+                exp.train, batch_size=engine.train.batch_size, shuffle=True, seed=stream))
+    metrics = MetricRecord({"batches": batches, "partition-id": job.client})
+    return Message(RecordDict({"arrays": ArrayRecord(sums), "metrics": metrics}), reply_to=msg)
 
 
 @app.evaluate("consolidate")
