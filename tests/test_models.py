@@ -23,6 +23,9 @@ TINY: dict[str, dict] = {
     "deit": {"embed_dim": 16, "depth": 1, "num_heads": 2},
     "dhvt": {"embed_dim": 16, "depth": 1, "num_heads": 2},
     "dhvt_distilled": {"embed_dim": 16, "depth": 1, "num_heads": 2},
+    "l2p_vit": {"embed_dim": 16, "depth": 1, "num_heads": 2},
+    "dualprompt_vit": {"embed_dim": 16, "depth": 1, "num_heads": 2},
+    "coda_prompt_vit": {"embed_dim": 16, "depth": 1, "num_heads": 2},
     "resnet": {},  # resnet18, the default: ~0.1 s to build
     "timm": {"arch": "test_efficientnet"},  # timm's own 100k-parameter test model
 }
@@ -77,7 +80,12 @@ def test_model_forward_features_and_grow(name, shape):
 def test_model_every_parameter_gets_a_gradient(name):
     model = build(name, (1, 8, 8)).train()
     model.grow(3)
-    loss = F.cross_entropy(model(torch.randn(4, 1, 8, 8)), torch.tensor([0, 1, 2, 0]))
+    x, y = torch.randn(4, 1, 8, 8), torch.tensor([0, 1, 2, 0])
+    if hasattr(model, "logits_and_losses"):  # prompt keys learn from the matching loss only
+        logits, extra = model.logits_and_losses(x, train=True)
+        loss = F.cross_entropy(logits, y) + sum(extra.values())
+    else:
+        loss = F.cross_entropy(model(x), y)
     loss.backward()
     missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
     assert not missing, f"parameters outside the graph: {missing[:5]}"

@@ -48,7 +48,7 @@ HOOKS = ("setup", "before_task", "before_epoch", "prepare_batch", "loss", "after
          "after_step", "after_task", "predict")
 """The nine hooks, in the order the Learner and the engine call them."""
 
-CAPABILITIES = ("uses_teacher", "required_model", "keeps_parameter_state", "mask_past")
+CAPABILITIES = ("uses_teacher", "required_model", "keeps_parameter_state", "mask_past", "freezes_backbone")
 """Declared class attributes that config checks and the Learner read."""
 
 
@@ -100,6 +100,7 @@ class Strategy:
             can train (None: any).
         keeps_parameter_state: state indexed by parameter position (anchors, importances),
             only meaningful while index i stays the same weight (refused with FedRolex).
+        freezes_backbone: the (pretrained) backbone never trains: prompting methods, linear probe.
         mask_past: train with the logits of earlier experiences' classes masked out, so new
             data does not push old classes down (the rehearsal-free practice of the CODA-Prompt
             / "A Closer Look at Rehearsal-Free CL" code, Smith et al. 2023).
@@ -109,6 +110,7 @@ class Strategy:
     required_model: str | tuple[str, ...] | None = None
     keeps_parameter_state: bool = False
     mask_past: bool = False
+    freezes_backbone: bool = False
     first_new_class: int = 0
 
     def setup(self, model: nn.Module) -> None:
