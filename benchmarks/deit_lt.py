@@ -42,8 +42,8 @@ from clsim.teacher import teacher_config  # noqa: E402
 ROWS = {  # strategy keys over the config's deit_lt section
     "vit_ce": {"distillation": "none", "drw": False},
     "vit_drw": {"distillation": "none", "drw": True},
-    "deit_lt_id": {"distillation": "hard", "ood": False, "drw": False},
-    "deit_lt": {"distillation": "hard", "ood": True, "drw": True},
+    "deit_lt_clean": {"distillation": "hard", "teacher_input": "clean", "drw": False},
+    "deit_lt": {"distillation": "hard", "teacher_input": "augmented", "drw": True},
 }
 ORDER = ("vit_ce", "vit_drw", "teacher", "deit_lt_id", "deit_lt")
 KEYS = ("average_accuracy", "head_accuracy", "medium_accuracy", "tail_accuracy")

@@ -101,3 +101,76 @@ def logit_adjusted_cross_entropy(
     # float32 shift: bfloat16 logits (autocast) are promoted rather than the prior rounded
     shift = tau * log_prior.to(logits.device)  # (C,)
     return F.cross_entropy(logits + shift, y)
+
+
+def weighted_cross_entropy(
+    logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None, *,
+    normalize: str = "weights",
+) -> torch.Tensor:
+    """Class-weighted cross-entropy for hard labels or soft targets, with a chosen normaliser.
+
+    Per sample, ``l_i = -sum_c w_c q_ic log p_ic`` (``q_i`` = the one-hot label or the soft
+    target, ``p_i = softmax(logits_i)``). ``normalize``:
+
+    - ``"weights"``: ``sum_i l_i / sum_i sum_c w_c q_ic``. For hard labels this is exactly
+      ``F.cross_entropy(logits, y, weight=w)`` (sum_i w_yi l_i / sum_i w_yi, as Cao et al.'s and
+      DeiT-LT's DRW code); for soft targets (Mixup / CutMix / label smoothing) it is the same
+      weighted mean, each sample counting with its target's expected weight.
+    - ``"batch"``: ``sum_i l_i / B``: what ``F.cross_entropy`` (and ``nn.CrossEntropyLoss``)
+      compute for soft targets with a weight; DeiT-LT's code reaches it only in its
+      ``distillation-type none`` path with Mixup on (``CrossEntropyLoss(weight)`` on mixed
+      labels). On a long tail, sum_c w_c q_ic is far below 1 for most samples (the head's
+      weights are small), so this scales the loss down.
+
+    Without ``weight`` both are the plain mean (timm's ``SoftTargetCrossEntropy`` for soft targets).
+
+    Args:
+        logits: ``(B, C)``.
+        target: ``(B,)`` class indices or ``(B, C)`` soft targets (rows summing to 1).
+        weight: ``(C,)`` class weights or None.
+        normalize: ``"weights"`` or ``"batch"``.
+    """
+    if normalize not in ("weights", "batch"):
+        raise ValueError(f"normalize must be 'weights' or 'batch', got {normalize!r}")
+    logp = F.log_softmax(logits.float(), dim=1)  # (B, C)
+    q = F.one_hot(target, logits.shape[1]).to(logp.dtype) if target.dim() == 1 else target.to(logp.dtype)
+    wq = q if weight is None else q * weight.to(logp.device, logp.dtype)  # (B, C)
+    total = -(wq * logp).sum()
+    if normalize == "batch" or weight is None:
+        return total / len(logits)
+    return total / wq.sum().clamp_min(1e-12)
+
+
+def soft_distillation_loss(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0,
+    weight: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """DeiT's soft distillation, scaled as DeiT's and DeiT-LT's code: ``tau^2 KL`` per element.
+
+    ``tau^2 * sum_{i,c} KL_ic / (B * C)`` with ``KL_ic = p^t_ic (log p^t_ic - log p^s_ic)`` at
+    temperature ``tau``: the code's ``F.kl_div(..., reduction='sum') * T * T / outputs.numel()``
+    (the "legacy" elementwise mean, i.e. ``reduction='mean'``, which is ``'batchmean'`` / C).
+
+    With ``weight`` (``(C,)``, DRW), sample i counts with ``w[argmax teacher_i]`` and the sum is
+    divided by ``C * sum_i w[argmax teacher_i]`` instead of ``C * B``: the weighted mean over
+    samples, normalised by the sum of the weights as hard distillation's weighted CE is, and
+    equal to the unweighted loss when all weights are 1. (DeiT-LT's code instead multiplies
+    the teacher's log-probabilities by the weights and renormalises them by their row sum,
+    which does not give a distribution; not reproduced.)
+
+    Args:
+        student_logits: ``(B, C)``.
+        teacher_logits: ``(B, C)`` (no gradient needed).
+        temperature: tau > 0.
+        weight: ``(C,)`` class weights or None.
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    t = temperature
+    kl = F.kl_div(F.log_softmax(student_logits.float() / t, dim=1), F.log_softmax(teacher_logits.float() / t, dim=1),
+                  reduction="none", log_target=True).sum(dim=1)  # (B,)
+    classes = student_logits.shape[1]
+    if weight is None:
+        return kl.sum() * t * t / (len(kl) * classes)
+    w = weight.to(kl.device, kl.dtype)[teacher_logits.argmax(dim=1)]  # (B,)
+    return (w * kl).sum() * t * t / (w.sum().clamp_min(1e-12) * classes)

@@ -117,13 +117,13 @@ class GatedClassAttentionBlock(nn.Module):
 
 
 class DriftProjector(nn.Module):
-    """CFDC projector ``P_t``: patch tokens of task t's backbone -> task t-1's.
+    """CFDC projector ``P_t`` (``projector: residual``): patch tokens of task t's backbone -> task t-1's.
 
     Linear - LayerNorm - ReLU - Linear on each token's D channels, as the paper's 1x1 conv -
     norm - ReLU - 1x1 conv, but the norm is over channels only so that any number of tokens
-    works (the public code normalises over a hard-coded 64 tokens too). A residual connection
-    with the last layer initialised to zero makes ``P_t`` the identity until it is trained:
-    growing the model then leaves every earlier prediction unchanged.
+    works, and a residual connection with the last layer initialised to zero makes ``P_t`` the
+    identity until it is trained: growing the model then leaves every earlier prediction
+    unchanged. Not the paper's (see :class:`PaperDriftProjector`).
     """
 
     def __init__(self, dim: int):
@@ -136,6 +136,33 @@ class DriftProjector(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.fc2(F.relu(self.norm(self.fc1(x))))  # (B, N, D)
+
+
+class PaperDriftProjector(nn.Module):
+    """CFDC projector as the paper and its public code define it (``projector: paper``).
+
+    The code's projector runs on the patch tokens laid out as ``(B, D, 1, N)``: 1x1 conv (D -> D),
+    ``LayerNorm([D, 1, N])`` (one mean and variance per image over all tokens and channels, an
+    affine weight and bias per token and channel), ReLU, 1x1 conv (D -> D); no residual, and
+    PyTorch's default initialisation. Here the same on ``(B, N, D)``: a 1x1 conv over channels is
+    a Linear on each token (same default init: Kaiming-uniform, a = sqrt(5)), and the norm is
+    over the last two dims ``(N, D)``. ``tokens`` = N is fixed at creation, as in the code
+    (which hard-codes N = 64, CIFAR's 8 x 8 patches); this class takes it from the backbone.
+    A fresh projector is a random map, so until it is trained earlier tasks read projected
+    features that are not theirs (the paper trains it within the task that creates it).
+    """
+
+    def __init__(self, dim: int, tokens: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, dim)
+        self.norm = nn.LayerNorm((tokens, dim))
+        self.fc2 = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.relu(self.norm(self.fc1(x))))  # (B, N, D)
+
+
+PROJECTORS = ("residual", "paper")
 
 
 class ConViTBackbone(nn.Module):
@@ -199,9 +226,11 @@ class GCABClassifier(nn.Module):
     """
 
     def __init__(self, backbone: nn.Module, *, embed_dim: int, num_heads: int, mlp_ratio: float,
-                 gate_init_std: float = 1.0):
+                 gate_init_std: float = 1.0, projector: str = "residual"):
         super().__init__()
-        self.gate_init_std = gate_init_std
+        if projector not in PROJECTORS:
+            raise ConfigError("model.projector", f"expected one of {', '.join(PROJECTORS)}, got {projector!r}")
+        self.gate_init_std, self.projector = gate_init_std, projector
         self.backbone = backbone
         self.block = GatedClassAttentionBlock(embed_dim, num_heads, mlp_ratio)
         self.block.apply(_init_vit_weights)
@@ -234,7 +263,7 @@ class GCABClassifier(nn.Module):
         ref = self.block.q.weight  # new parts on the model's device and dtype
         dim, hidden = self.feature_dim, self.block.hidden
         if self.num_tasks > 0:
-            self.projectors.append(DriftProjector(dim).to(ref.device, ref.dtype))
+            self.projectors.append(self.new_projector().to(ref.device, ref.dtype))
         token = torch.empty(1, 1, dim, device=ref.device, dtype=ref.dtype)
         self.task_tokens.append(nn.Parameter(trunc_normal_(token, std=0.02)))
         # HAT initialises the gate embeddings from N(0, 1) (Serra et al. 2018); a smaller
@@ -244,6 +273,12 @@ class GCABClassifier(nn.Module):
         self.gate_mlp.append(nn.Parameter(std * torch.randn(hidden, device=ref.device, dtype=ref.dtype)))
         self.task_sizes.append(num_classes - self.num_classes)
         self.head = grow_linear(self.head, num_classes)
+
+    def new_projector(self) -> nn.Module:
+        """A projector of the configured kind (``residual`` or ``paper``) for the next task."""
+        if self.projector == "paper":
+            return PaperDriftProjector(self.feature_dim, self.backbone.pos_embed.shape[1])
+        return DriftProjector(self.feature_dim)
 
     # ------------------------------------------------------------------ gates
 
@@ -341,6 +376,7 @@ def gcab_vit(
     drop_path_rate: float = 0.0,
     locality_strength: float = 1.0,
     gate_init_std: float = 1.0,
+    projector: Literal["residual", "paper"] = "residual",
 ) -> GCABClassifier:
     """ViT with one gated class-attention block, a token and head per task (GCAB, Cotogni et al.).
 
@@ -358,6 +394,9 @@ def gcab_vit(
         drop_path_rate: stochastic depth of the backbone blocks.
         locality_strength: ConViT's initial focus of the positional attention.
         gate_init_std: std of each new task's gate embeddings e_t (HAT and the paper: 1.0).
+        projector: CFDC projector kind: 'residual' (zero-initialised residual MLP, the identity
+            until trained; clsim's) or 'paper' (the paper's and public code's: conv-norm-ReLU-conv,
+            no residual, default init; see :class:`PaperDriftProjector`).
     """
     channels, height, width = input_shape
     patch = patch_size or _default_patch(min(height, width))
@@ -368,7 +407,7 @@ def gcab_vit(
     if gate_init_std <= 0:
         raise ConfigError("model.gate_init_std", f"expected a number > 0, got {gate_init_std}")
     return GCABClassifier(backbone, embed_dim=embed_dim, num_heads=num_heads, mlp_ratio=mlp_ratio,
-                          gate_init_std=gate_init_std)
+                          gate_init_std=gate_init_std, projector=projector)
 
 
 def _check_sizes(height: int, width: int, patch: int, embed_dim: int, depth: int, num_heads: int,

@@ -61,8 +61,8 @@ class GatedClassAttention(Strategy):
         freeze_backbone: freeze the whole backbone after the first task (an extra ablation).
         project_in_training: earlier tasks' tokens read the projector chain in training too
             (the paper's code does not; see docs/gcab.md).
-        bce: binary cross-entropy on one-hot targets over all seen classes (the public code's
-            ``bce_loss``; the shipped scenario files set it); false: softmax cross-entropy.
+        bce: binary cross-entropy on one-hot targets over all seen classes (the default, as the
+            public code's ``bce_loss``, which its GCAB options set); false: softmax cross-entropy.
     """
 
     required_model = "gcab_vit"  # the registered model this strategy trains (read by generic tests)
@@ -70,7 +70,7 @@ class GatedClassAttention(Strategy):
     def __init__(self, *, s_max: float = S_MAX, lambda_: float = 0.05, thres_cosh: float = 50.0,
                  thres_emb: float = 6.0, clipgrad: float = 10000.0, drift_compensation: bool = True,
                  projector_weight: float = 0.001, freeze_backbone: bool = False,
-                 project_in_training: bool = False, bce: bool = False):
+                 project_in_training: bool = False, bce: bool = True):
         checks = [("s_max", s_max, s_max > 1, "a number > 1"), ("lambda", lambda_, lambda_ >= 0, "a number >= 0"),
                   ("thres_cosh", thres_cosh, thres_cosh > 0, "a number > 0"),
                   ("thres_emb", thres_emb, thres_emb > 0, "a number > 0"),
@@ -170,6 +170,12 @@ class GatedClassAttention(Strategy):
             params[name].copy_(torch.where(frozen, kept, params[name]))
         self.step += 1
 
+    def predict(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """Every task's hard-gated logits, ``(B, classes seen)``; earlier tasks read the projector
+        chain only with drift compensation (GCAB alone has no trained projectors: the public
+        code builds none, and a fresh ``projector: paper`` is a random map)."""
+        return model.logits_from_patches(model.backbone(x), s=None, project=self.drift_compensation)
+
     def after_task(self, model: nn.Module, task: Task, batches: Batches) -> None:
         if self.drift_compensation:
             self.old_backbone = frozen_copy(model.backbone)  # f_{t-1} for the next task's projector
@@ -242,7 +248,7 @@ class GatedClassAttentionOnly(GatedClassAttention):
     def __init__(self, *, s_max: float = S_MAX, lambda_: float = 0.05, thres_cosh: float = 50.0,
                  thres_emb: float = 6.0, clipgrad: float = 10000.0, drift_compensation: bool = False,
                  projector_weight: float = 0.001, freeze_backbone: bool = False,
-                 project_in_training: bool = False, bce: bool = False):
+                 project_in_training: bool = False, bce: bool = True):
         super().__init__(s_max=s_max, lambda_=lambda_, thres_cosh=thres_cosh, thres_emb=thres_emb,
                          clipgrad=clipgrad, drift_compensation=drift_compensation,
                          projector_weight=projector_weight, freeze_backbone=freeze_backbone,
