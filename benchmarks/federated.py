@@ -11,9 +11,20 @@ Prints one JSON object on stdout (progress on stderr). Three parts (issue 5, poi
   every client holding EWC state, on synthetic data with ~4 training images per client; wall time, peak resident memory of the whole process tree
   (server, Ray workers) and that peak divided by N, and the client-state bytes on disk.
 - ``round_time``: seconds per round against clients per round (20 clients).
+- ``speed`` (issue 15): ``scenarios/fed_digits.yaml`` as ``clsim run`` commands, one process
+  each: on Flower's simulation engine, in-process, as the user types it (the default engine),
+  and the same training as a local run (``federated=null``, ``train.epochs=6``). Per command:
+  the federation's (or local run's) ``wall_time_s`` and the command's end-to-end seconds,
+  medians over ``--repeats`` rounds of the commands in rotating order, the load average around
+  each, the ratios the issue sets targets for, and whether both engines give the same accuracy
+  matrix.
+- ``per_round``: seconds per round against clients sampled per round (10 to 1,000 of 1,000
+  clients; synthetic 8x8 images, ~8 per client, MLP 64, fine-tuning, no per-round evaluation)
+  on both engines: which engine to pick for which federation.
 
     python benchmarks/federated.py > federated.json                 # ~10 min on 2 CPU cores
     python benchmarks/federated.py --parts overhead --rounds 3      # one part
+    python benchmarks/federated.py --parts speed per_round          # issue 15's figures (~15 min)
 """
 
 from __future__ import annotations
@@ -22,6 +33,7 @@ import argparse
 import copy
 import json
 import os
+import subprocess
 import sys
 import tempfile
 import threading
@@ -260,16 +272,117 @@ def round_time(args: argparse.Namespace, tmp: Path) -> list[dict[str, Any]]:
     return rows
 
 
+# ---------------------------------------------------------------- issue 15: where the time goes
+
+SPEED_CASES = {
+    "simulation": ["--set", "federated.backend=simulation"],
+    "inprocess": ["--set", "federated.backend=inprocess"],
+    "default": [],  # as the user types it: whichever engine is the default
+    "local": ["--set", "federated=null", "--set", "train.epochs=6"],  # the same steps, no federation
+}
+
+
+def clsim_command(config: Path, out: Path, extra: list[str], threads: int, tree: Path | None = None) -> dict[str, Any]:
+    """``clsim run CONFIG`` in a fresh process (of the clsim in ``tree``, default this one); its
+    end-to-end seconds and metrics."""
+    env = os.environ | {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+                        "FLWR_DISABLE_UPDATE_CHECK": "1"}
+    if tree is not None:  # another checkout's clsim first on the path (a before/after comparison)
+        env["PYTHONPATH"] = os.pathsep.join([str(tree), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    load = os.getloadavg()[0]
+    started = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "clsim.cli", "run", str(config), "--out", str(out), "--quiet",
+                           *extra], cwd=tree or ROOT, env=env, capture_output=True, text=True)
+    seconds = time.perf_counter() - started
+    if proc.returncode != 0:
+        raise RuntimeError(f"clsim run {' '.join(extra)} failed:\n{proc.stderr[-2000:]}")
+    metrics = json.loads((out / "metrics.json").read_text())
+    return {"end_to_end_s": seconds, "wall_time_s": metrics["wall_time_s"],
+            "accuracy_matrix": metrics["accuracy_matrix"], "load_1min": [round(load, 2), round(os.getloadavg()[0], 2)]}
+
+
+def speed(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
+    """The four commands (:data:`SPEED_CASES`), for this checkout and each ``--trees`` one,
+    interleaved so that they meet the same load."""
+    trees = {"this": None} | dict(tree.split("=", 1) for tree in args.trees)
+    cases = [(name, case) for name in trees for case in SPEED_CASES]
+    runs: dict[tuple[str, str], list[dict[str, Any]]] = {key: [] for key in cases}
+    for repeat in range(args.repeats):
+        for name, case in cases[repeat % len(cases):] + cases[: repeat % len(cases)]:  # rotate who goes first
+            log(f"speed {repeat + 1}/{args.repeats}: {name} {case}")
+            tree = None if trees[name] is None else Path(trees[name]).resolve()
+            runs[name, case].append(clsim_command((tree or ROOT) / "scenarios" / "fed_digits.yaml",
+                                                  tmp / f"speed_{name}_{case}_{repeat}", SPEED_CASES[case],
+                                                  args.threads, tree))
+    result = {name: speed_summary({case: runs[name, case] for case in SPEED_CASES}) for name in trees}
+    from clsim.federated.config import FederatedConfig
+
+    result["this"] |= {"config": "scenarios/fed_digits.yaml", "repeats": args.repeats, "threads": args.threads,
+                       "default_engine": FederatedConfig().engine}
+    return result if args.trees else result["this"]
+
+
+def speed_summary(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    """Medians, the ratios issue 15 sets targets for, and the engines' accuracy matrices compared."""
+    med = {case: {key: float(np.median([r[key] for r in rs])) for key in ("wall_time_s", "end_to_end_s")}
+           for case, rs in runs.items()}
+    ratio = {
+        "simulation_over_inprocess_wall": med["simulation"]["wall_time_s"] / med["inprocess"]["wall_time_s"],
+        "inprocess_over_local_wall": med["inprocess"]["wall_time_s"] / med["local"]["wall_time_s"],
+        "default_over_local_end_to_end": med["default"]["end_to_end_s"] / med["local"]["end_to_end_s"],
+        "simulation_over_local_end_to_end": med["simulation"]["end_to_end_s"] / med["local"]["end_to_end_s"],
+    }
+    targets = {"simulation_over_inprocess_wall": 1.5, "inprocess_over_local_wall": 1.5,
+               "default_over_local_end_to_end": 2.0}
+    matrices = {case: [r["accuracy_matrix"] for r in rs] for case, rs in runs.items()}
+    return {"median": med, "ratios": ratio,
+            "targets": targets, "meets_targets": {k: ratio[k] <= v for k, v in targets.items()},
+            "same_accuracy_matrix_on_both_engines": all(m == matrices["inprocess"][0]
+                                                        for m in matrices["inprocess"] + matrices["simulation"]),
+            "runs": {case: [{k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()
+                             if k != "accuracy_matrix"} for r in rs] for case, rs in runs.items()}}
+
+
+def per_round(args: argparse.Namespace, tmp: Path) -> list[dict[str, Any]]:
+    n = max(args.sampled)
+    raw = copy.deepcopy(BASE)
+    raw["data"] = {"name": "synthetic", "num_classes": 10, "samples_per_class": int(np.ceil(8 * n / 0.8 / 10)),
+                   "image_size": 8, "channels": 1}
+    raw["federated"] |= {"num_clients": n, "rounds_per_experience": args.per_round_rounds,
+                         "eval_every_round": False}
+    rows = []
+    for k in args.sampled:
+        for backend in ("inprocess", "simulation"):
+            case = copy.deepcopy(raw)
+            case["federated"] |= {"clients_per_round": k, "backend": backend}
+            log(f"per round: {k} of {n} clients, {backend}")
+            load = os.getloadavg()[0]
+            metrics, total = run_clsim(case, tmp / f"per_round_{backend}_{k}")
+            times = [r["wall_time_s"] for r in metrics["rounds"]]
+            steady = times[1:] or times
+            rows.append({"clients_per_round": k, "num_clients": n, "backend": backend,
+                         "s_per_round": float(np.median(steady)), "ms_per_client": 1e3 * float(np.median(steady)) / k,
+                         "first_round_s": times[0], "rounds_s": times, "wall_time_s": metrics["wall_time_s"],
+                         "run_s": round(total, 2), "load_1min": [round(load, 2), round(os.getloadavg()[0], 2)]})
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--parts", nargs="+", default=["overhead", "scale", "round_time"],
-                        choices=["overhead", "scale", "round_time"])
+                        choices=["overhead", "scale", "round_time", "speed", "per_round"])
     parser.add_argument("--clients", type=int, default=4, help="overhead: clients (all sampled)")
     parser.add_argument("--rounds", type=int, default=5, help="overhead: rounds")
-    parser.add_argument("--repeats", type=int, default=2, help="overhead: repeats (median)")
+    parser.add_argument("--repeats", type=int, default=3, help="overhead, speed: repeats (median)")
     parser.add_argument("--scale-clients", type=int, nargs="+", default=[1000, 10000])
     parser.add_argument("--per-round", type=int, nargs="+", default=[2, 5, 10, 20])
+    parser.add_argument("--sampled", type=int, nargs="+", default=[10, 100, 1000],
+                        help="per_round: clients sampled per round (of max(--sampled) clients)")
+    parser.add_argument("--per-round-rounds", type=int, default=3, help="per_round: rounds (the first is not counted)")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--trees", nargs="*", default=[], metavar="NAME=PATH",
+                        help="speed: also run the commands with the clsim of another checkout (e.g. "
+                             "before=/tmp/wt-before, a git worktree of an earlier commit), interleaved")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")

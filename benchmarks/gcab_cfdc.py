@@ -35,7 +35,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
 from clsim.config import ExperimentConfig, parse_config  # noqa: E402
-from clsim.experiment import CHECKPOINT, run  # noqa: E402
+from clsim.experiment import run  # noqa: E402
+from clsim.report.run_folder import CHECKPOINT  # noqa: E402
 
 ROWS = ("finetune", "lwf", "ewc", "gcab", "gcab_cfdc")
 

@@ -53,8 +53,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from clsim.config import ExperimentConfig, parse_config  # noqa: E402
 from clsim.engine.engine import Engine, derive_seed  # noqa: E402
 from clsim.engine.progress import Progress  # noqa: E402
-from clsim.experiment import build_learner  # noqa: E402
+from clsim.learner import Learner  # noqa: E402
 from clsim.scenarios.base import Scenario  # noqa: E402
+from clsim.seeds import FIT  # noqa: E402
+from clsim.strategies.base import Task  # noqa: E402
 
 VARIANTS = ("bare", "clsim", "clsim_progress", "clsim_ewc")
 TARGET_PCT = 5.0
@@ -134,7 +136,7 @@ class Setup:
 def prepare(name: str, args: argparse.Namespace) -> Setup:
     """Build the case's scenario and initial model exactly as ``clsim run`` does."""
     config = case_config(name, strategy={"name": "finetune"}, epochs=args.epochs, seed=args.seed)
-    learner = build_learner(config, Progress(quiet=True))
+    learner = Learner.build(config, Progress(quiet=True))
     return Setup(config, learner.scenario, copy.deepcopy(learner.model))
 
 
@@ -149,7 +151,7 @@ def bare_fit(model: torch.nn.Module, data: Any, setup: Setup, experience: int) -
     """The plain PyTorch loop: the same seeds, permutation, transform and optimizer as clsim."""
     images, labels, transform = experience_tensors(data)
     cfg, seed = setup.config.train, setup.config.seed
-    torch.manual_seed(derive_seed(seed, experience, 1_000_003))  # as Engine.fit (augmentation draws)
+    torch.manual_seed(derive_seed(seed, experience, FIT))  # as Engine.fit (augmentation draws)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     model.train()
     for epoch in range(cfg.epochs):
@@ -202,17 +204,17 @@ def run_variant(setup: Setup, variant: str, *, experiences: int | None = None) -
             # new head rows drawn under a fixed seed (else they depend on what ran before); untimed
             torch.manual_seed(derive_seed(config.seed, exp.index, HEAD_STREAM))
             model.grow(setup.scenario.seen_classes(exp.index))
+            task = Task(exp, tuple(setup.scenario.experiences[: exp.index]), model.num_classes)
             wall, cpu = time.perf_counter(), time.process_time()
             if variant == "bare":
                 bare_fit(model, exp.train, setup, exp.index)
             else:
-                strategy.before_task(model, exp)
-                data = strategy.train_dataset(exp, setup.scenario.experiences[: exp.index])
+                data = strategy.before_task(model, task)
                 engine.fit(model, strategy, data, experience=exp.index, label=f"train {exp.index + 1}")
             run.wall_s += time.perf_counter() - wall
             run.cpu_s += time.process_time() - cpu
             wall = time.perf_counter()
-            strategy.after_task(model, exp, lambda: engine.batches(exp.train, batch_size=config.train.batch_size))
+            strategy.after_task(model, task, lambda: engine.batches(exp.train, batch_size=config.train.batch_size))
             run.fisher_s += time.perf_counter() - wall
     return run
 

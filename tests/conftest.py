@@ -18,7 +18,7 @@ from clsim.scenarios.builders import class_incremental
 from clsim.strategies.base import Strategy
 
 if TYPE_CHECKING:
-    from clsim.experiment import Learner
+    from clsim.learner import Learner
 
 TINY_SHAPE = (1, 4, 4)
 
@@ -68,18 +68,20 @@ def _make_learner(
     scenario: Scenario, strategy: Strategy, *, seed: int = 0, model_seed: int | None = None,
     lr: float = 1e-2,
 ) -> Learner:
-    """A learner as ``experiment.build_learner`` makes one: tiny MLP, 1 epoch, CPU.
+    """A learner as ``Learner.build`` makes one: tiny MLP, 1 epoch, CPU.
 
     ``seed`` is the experiment seed (the engine's batches); ``model_seed`` (default ``seed``)
     draws the initial weights.
     """
     from clsim.config import TrainConfig  # here: a broken engine fails only the tests that train
     from clsim.engine.engine import Engine
-    from clsim.experiment import Learner
+    from clsim.learner import Learner
 
     engine = Engine(TrainConfig(epochs=1, batch_size=8, lr=lr, eval_batch_size=64), seed=seed)
     model_seed = seed if model_seed is None else model_seed
-    required = getattr(strategy, "required_model", None)  # e.g. gcab_vit, deit
+    required = getattr(strategy, "required_model", None)  # e.g. gcab_vit, or (deit, dhvt_distilled)
+    if isinstance(required, tuple):
+        required = required[0]
     if required is None:
         model = _tiny_mlp(scenario.input_shape, seed=model_seed)
     else:

@@ -128,7 +128,7 @@ def test_a_real_process_prints_no_traceback_on_bad_input(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         "clsim: error: strategy.lamda: unknown key (did you mean 'lambda'?); "
-        "known: decay, lambda, mask_past, mode, params"]
+        "known: decay, first_task_anchor, fisher, l2, lambda, mask_past, mode, params"]
 
 
 def test_missing_config_file_and_bad_arguments(tmp_path, capsys):

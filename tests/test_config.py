@@ -35,7 +35,8 @@ def test_sections_become_constructor_kwargs():
     assert config.strategy.kwargs["lambda_"] == 10.0  # YAML 'lambda' -> Python 'lambda_'
     # every default is recorded, so config.yaml reruns the same experiment later
     assert config.strategy.kwargs == {"lambda_": 10.0, "mode": "separate", "decay": 1.0,
-                                      "params": "all", "mask_past": False}
+                                      "params": "all", "mask_past": False, "fisher": "batch",
+                                      "l2": 0.0, "first_task_anchor": "pretrained"}
     strategy = config.strategy.build()
     assert type(strategy).__name__ == "EWC" and strategy.lambda_ == 10.0
     assert isinstance(config.train, TrainConfig) and config.train.epochs == 1

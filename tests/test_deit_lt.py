@@ -22,6 +22,7 @@ from clsim.losses import class_balanced_weights
 from clsim.models.cifar_resnet import resnet_cifar
 from clsim.models.deit import deit
 from clsim.scenarios.base import Experience
+from clsim.strategies.base import Task
 from clsim.strategies.deit_lt import DeiTLT
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -67,6 +68,11 @@ def experience(counts=(40, 20, 8, 2)) -> Experience:
     return Experience(0, list(range(C)), Targets(), None)
 
 
+def task(teacher=None, counts=(40, 20, 8, 2)) -> Task:
+    """The task of :func:`experience`, with the teacher a run gives in it."""
+    return Task(experience(counts), (), C, teacher)
+
+
 # --------------------------------------------------------------------------- the loss
 
 
@@ -74,11 +80,10 @@ def test_hard_distillation_loss_by_hand():
     model, teacher = student(), Recording()
     strategy = DeiTLT(augment=False)
     strategy.setup(model)
-    strategy.set_teacher(teacher)
+    strategy.before_task(model, task(teacher))
     x, y = batch()
-    x, y = strategy.prepare_batch(x, y)
-    out = strategy.forward(model, x)
-    loss = strategy.loss(model, x, y, out)
+    x, y, extra = strategy.prepare_batch(x, y)
+    loss = strategy.loss(model, x, y, extra)
     cls_logits, dist_logits = model.forward_both(x)
     target = teacher.linear(x.flatten(1)).argmax(dim=1)
     expected = 0.5 * F.cross_entropy(cls_logits, y) + 0.5 * F.cross_entropy(dist_logits, target)
@@ -90,13 +95,14 @@ def test_soft_distillation_is_the_tau_squared_kl():
     model, teacher = student(), Recording()
     strategy = DeiTLT(augment=False, distillation="soft", temperature=2.0, alpha=0.3)
     strategy.setup(model)
-    strategy.set_teacher(teacher)
+    strategy.before_task(model, task(teacher))
     x, y = batch()
-    strategy.prepare_batch(x, y)
-    loss = strategy.loss(model, x, y, strategy.forward(model, x))
+    x, y, extra = strategy.prepare_batch(x, y)
+    loss = strategy.loss(model, x, y, extra)
     cls_logits, dist_logits = model.forward_both(x)
     p_t = F.softmax(teacher.linear(x.flatten(1)) / 2, dim=1)
-    kl = (p_t * (p_t.log() - F.log_softmax(dist_logits / 2, dim=1))).sum(1).mean() * 4
+    # the reference code's scaling: sum of the KL over batch and classes / (B x C), times tau^2
+    kl = (p_t * (p_t.log() - F.log_softmax(dist_logits / 2, dim=1))).sum(1).mean() * 4 / C
     torch.testing.assert_close(loss, 0.7 * F.cross_entropy(cls_logits, y) + 0.3 * kl)
 
 
@@ -104,16 +110,15 @@ def test_drw_weights_the_distillation_by_the_teachers_class_from_drw_epoch():
     model, teacher = student(), Recording()
     strategy = DeiTLT(augment=False, drw_epoch=2)
     strategy.setup(model)
-    strategy.set_teacher(teacher)
-    strategy.train_dataset(experience(), [])
+    strategy.before_task(model, task(teacher))  # counts the task's training labels
     x, y = batch()
     strategy.before_epoch(model, 1, 3, 1)
     assert strategy.weights is None
     strategy.before_epoch(model, 2, 3, 1)
     w = class_balanced_weights([40, 20, 8, 2], 0.9999)
     torch.testing.assert_close(strategy.weights, w)
-    strategy.prepare_batch(x, y)
-    loss = strategy.loss(model, x, y, strategy.forward(model, x))
+    x, y, extra = strategy.prepare_batch(x, y)
+    loss = strategy.loss(model, x, y, extra)
     cls_logits, dist_logits = model.forward_both(x)
     target = teacher.linear(x.flatten(1)).argmax(dim=1)
     expected = 0.5 * F.cross_entropy(cls_logits, y) + 0.5 * F.cross_entropy(dist_logits, target, weight=w)
@@ -122,44 +127,42 @@ def test_drw_weights_the_distillation_by_the_teachers_class_from_drw_epoch():
 
 def test_default_drw_epoch_is_four_fifths_and_drw_off_never_reweights():
     strategy = DeiTLT(augment=False)
-    strategy.train_dataset(experience(), [])
+    strategy.before_task(None, task())
     strategy.before_epoch(None, 7, 10, 1)
     assert strategy.weights is None
     strategy.before_epoch(None, 8, 10, 1)
     assert strategy.weights is not None
     off = DeiTLT(augment=False, drw=False)
-    off.train_dataset(experience(), [])
+    off.before_task(None, task())
     off.before_epoch(None, 9, 10, 1)
     assert off.weights is None
 
 
-@pytest.mark.parametrize("ood", [True, False])
-def test_teacher_sees_the_augmented_batch_only_when_ood(ood):
+@pytest.mark.parametrize("teacher_input", ["augmented", "clean"])
+def test_teacher_sees_the_augmented_batch_unless_clean(teacher_input):
     model, teacher = student(), Recording()
-    strategy = DeiTLT(ood=ood, erase_prob=1.0)
+    strategy = DeiTLT(teacher_input=teacher_input, erase_prob=1.0)
     strategy.setup(model)
-    strategy.set_teacher(teacher)
-    strategy.before_task(model, experience())
+    strategy.before_task(model, task(teacher))
     torch.manual_seed(0)
     strategy.before_epoch(model, 0, 10, 1)
     clean, y = batch()
-    x, soft = strategy.prepare_batch(clean, y)
+    x, soft, extra = strategy.prepare_batch(clean, y)
     assert soft.shape == (8, C) and torch.allclose(soft.sum(1), torch.ones(8))
     assert not torch.allclose(x, clean)  # strongly augmented
-    strategy.loss(model, x, soft, strategy.forward(model, x))
-    assert torch.equal(teacher.seen[-1], x if ood else clean)
+    assert torch.equal(extra, clean)  # the clean batch travels to loss as prepare_batch's extra
+    strategy.loss(model, x, soft, extra)
+    assert torch.equal(teacher.seen[-1], x if teacher_input == "augmented" else clean)
 
 
-def test_no_mixup_in_the_drw_phase_gives_smoothed_one_hot_targets():
-    model = student()
+def test_no_mixup_in_the_drw_phase_gives_the_plain_labels():
+    model = student()  # the reference (engine.py) passes the raw targets in its no-mixup DRW phase
     strategy = DeiTLT(drw_epoch=1, no_mixup_drw=True, label_smoothing=0.1)
-    strategy.before_task(model, experience())
-    strategy.train_dataset(experience(), [])
+    strategy.before_task(model, task())
     strategy.before_epoch(model, 1, 2, 1)
     x, y = batch()
-    _, soft = strategy.prepare_batch(x, y)
-    expected = F.one_hot(y, C) * 0.9 + 0.1 / C
-    torch.testing.assert_close(soft, expected)
+    _, labels, _ = strategy.prepare_batch(x, y)
+    assert torch.equal(labels, y)
 
 
 def test_teacher_input_resize():
@@ -171,16 +174,16 @@ def test_teacher_input_resize():
         return torch.zeros(len(images), C)
 
     strategy = DeiTLT(augment=False, teacher_input_size=12)
-    strategy.set_teacher(teacher)
+    strategy.before_task(model, task(teacher))
     x, y = batch()
-    strategy.prepare_batch(x, y)
-    strategy.loss(model, x, y, strategy.forward(model, x))
+    x, y, extra = strategy.prepare_batch(x, y)
+    strategy.loss(model, x, y, extra)
     assert seen == [torch.Size([8, 3, 12, 12])]
 
 
-def test_predict_with_variants_gives_the_mean_and_each_head():
+def test_predict_gives_the_mean_and_each_head_as_variants():
     model, x = student().eval(), batch()[0]
-    mean, variants = DeiTLT().predict_with_variants(model, x)
+    mean, variants = DeiTLT().predict(model, x)
     cls_logits, dist_logits = model.forward_both(x)
     torch.testing.assert_close(variants["cls"], cls_logits)
     torch.testing.assert_close(variants["dist"], dist_logits)
@@ -207,7 +210,8 @@ def test_dist_head_learns_the_teacher():
     model = student(seed=1)
     strategy = DeiTLT(augment=False, drw=False, alpha=0.9)
     strategy.setup(model)
-    strategy.set_teacher(teacher)
+    data = ArrayDataset(x, y)
+    strategy.before_task(model, Task(Experience(0, tuple(range(C)), data, None), (), C, teacher))
 
     def agreement():
         with torch.no_grad():
@@ -215,7 +219,7 @@ def test_dist_head_learns_the_teacher():
 
     before = agreement()
     engine = Engine(TrainConfig(epochs=30, batch_size=16, lr=3e-3, optimizer="adam"), seed=0)
-    engine.fit(model.train(), strategy, ArrayDataset(x, y), experience=0, label="fit")
+    engine.fit(model.train(), strategy, data, experience=0, label="fit")
     after = agreement()
     assert after > before + 0.3 and after > 0.8, (before, after)
 
@@ -329,11 +333,11 @@ def test_resume_does_not_retrain_the_teacher_and_ends_as_uninterrupted(tmp_path,
     calls = []
     fit = Engine.fit
 
-    def crash_in_the_students_second_experience(self, model, strategy, dataset, *, experience, label):
+    def crash_in_the_students_second_experience(self, model, strategy, dataset, *, experience, **kwargs):
         calls.append((type(strategy).__name__, experience))
         if isinstance(strategy, DeiTLT) and experience == 1:
             raise KeyboardInterrupt
-        return fit(self, model, strategy, dataset, experience=experience, label=label)
+        return fit(self, model, strategy, dataset, experience=experience, **kwargs)
 
     monkeypatch.setattr(Engine, "fit", crash_in_the_students_second_experience)
     with pytest.raises(KeyboardInterrupt):
@@ -400,5 +404,5 @@ def test_a_model_the_strategy_cannot_train_fails_before_the_teacher_trains(tmp_p
     assert cli_main(["validate", str(path)]) == 2
     assert cli_main(["run", str(path), "--out", str(tmp_path / "run"), "--quiet"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1] == "clsim: error: model.name: strategy 'deit_lt' trains the 'deit' model, got 'vit'"
+    assert err[-1] == "clsim: error: model.name: strategy 'deit_lt' trains the 'deit' or 'dhvt_distilled' model, got 'vit'"
     assert not (tmp_path / "run").exists()  # no teacher was trained

@@ -23,9 +23,11 @@ from clsim.engine.checkpoint import RunState, save_checkpoint
 from clsim.engine.engine import Engine
 from clsim.engine.progress import Progress
 from clsim.errors import ConfigError
-from clsim.experiment import CHECKPOINT, Learner, build_learner, run, train_and_evaluate, write_config
+from clsim.experiment import run, train_and_evaluate
+from clsim.learner import Learner
 from clsim.models.gcab import GCABClassifier, gcab_vit
 from clsim.registry import MODELS, STRATEGIES
+from clsim.report.run_folder import CHECKPOINT, write_config
 from clsim.scenarios.builders import class_incremental
 from clsim.strategies.gcab import GatedClassAttention
 
@@ -234,8 +236,8 @@ def test_state_dict_round_trip_gives_identical_predictions_and_loss(scenario, na
     fresh.load_state_dict(through_checkpoint(strategy.state_dict()))
     model.train()
     with torch.no_grad():
-        loss = strategy.loss(model, x, y, strategy.forward(model, x))
-        assert torch.equal(fresh.loss(model, x, y, fresh.forward(model, x)), loss)
+        loss = strategy.loss(model, x, y)
+        assert torch.equal(fresh.loss(model, x, y), loss)
         assert torch.equal(fresh.predict(model.eval(), x), strategy.predict(model, x))
 
 
@@ -254,7 +256,7 @@ def test_resume_mid_stream_through_experiment_run_is_exact(tmp_path):
     config = parse_config(TINY_RUN)
     full = run(config, tmp_path / "full", quiet=True)
     # stop after 2 experiences (a projector and an old backbone exist), then resume with run()
-    learner = build_learner(config, Progress(quiet=True))
+    learner = Learner.build(config, Progress(quiet=True))
     state = train_upto(learner, 2)
     write_config(config, tmp_path / "cut")
     save_checkpoint(tmp_path / "cut" / CHECKPOINT, state=state, model=learner.model,
@@ -269,7 +271,8 @@ def test_bce_loss_is_one_hot_binary_cross_entropy():
     logits, y = torch.tensor([[2.0, -1.0, 0.5]]), torch.tensor([2])
     expected = torch.nn.functional.binary_cross_entropy_with_logits(logits, torch.tensor([[0.0, 0.0, 1.0]]))
     assert torch.equal(strategy.classification(logits, y), expected)
-    assert torch.equal(GatedClassAttention().classification(logits, y),
+    assert torch.equal(GatedClassAttention().classification(logits, y), expected)  # BCE is the default
+    assert torch.equal(GatedClassAttention(bce=False).classification(logits, y),
                        torch.nn.functional.cross_entropy(logits, y))
 
 

@@ -16,6 +16,7 @@ from clsim.errors import ConfigError
 from clsim.losses import class_balanced_weights, log_prior, logit_adjusted_cross_entropy
 from clsim.models.small import mlp
 from clsim.scenarios.base import Experience
+from clsim.strategies.base import Task
 from clsim.strategies.drw import DRW
 from clsim.strategies.logit_adjust import LogitAdjust
 
@@ -126,24 +127,34 @@ def experience_with(labels, classes) -> Experience:
     return Experience(0, tuple(classes), ArrayDataset(torch.zeros(len(labels), 1, 2, 2), labels), None)
 
 
+def task_with(labels, classes) -> Task:
+    """The task of :func:`experience_with` (its training labels are what the strategies count)."""
+    return Task(experience_with(labels, classes), seen_classes=max(classes) + 1)
+
+
+def giving(logits: torch.Tensor):
+    """A stand-in model whose forward pass returns ``logits`` (the loss hook runs the forward)."""
+    return lambda x: logits
+
+
 def test_logit_adjust_loss_follows_the_training_prior():
     logits, y = logits_and_labels(labels=[0, 1, 2, 0, 0, 1])
     imbalanced = LogitAdjust(tau=1.0)
-    data = imbalanced.train_dataset(experience_with([0] * 30 + [1] * 6 + [2] * 2, (0, 1, 2)), [])
+    data = imbalanced.before_task(None, task_with([0] * 30 + [1] * 6 + [2] * 2, (0, 1, 2)))
     assert len(data) == 38
-    loss = imbalanced.loss(None, None, y, logits[:, :3])
+    loss = imbalanced.loss(giving(logits[:, :3]), None, y)
     torch.testing.assert_close(loss, F.cross_entropy(logits[:, :3] + log_prior([30, 6, 2]), y))
     assert abs(loss.item() - F.cross_entropy(logits[:, :3], y).item()) > 1e-3
 
     balanced = LogitAdjust(tau=1.0)
-    balanced.train_dataset(experience_with([0, 1, 2] * 5, (0, 1, 2)), [])
-    torch.testing.assert_close(balanced.loss(None, None, y, logits[:, :3]), F.cross_entropy(logits[:, :3], y))
+    balanced.before_task(None, task_with([0, 1, 2] * 5, (0, 1, 2)))
+    torch.testing.assert_close(balanced.loss(giving(logits[:, :3]), None, y), F.cross_entropy(logits[:, :3], y))
 
     x = torch.randn(3, 4)
     model = torch.nn.Linear(4, 3)
     assert torch.equal(imbalanced.predict(model, x), model(x))  # prediction is not adjusted
     imbalanced.after_task(model, None, lambda: iter([]))  # the prior is the experience's only
-    torch.testing.assert_close(imbalanced.loss(None, None, y, logits[:, :3]), F.cross_entropy(logits[:, :3], y))
+    torch.testing.assert_close(imbalanced.loss(giving(logits[:, :3]), None, y), F.cross_entropy(logits[:, :3], y))
     assert imbalanced.state_dict() == {}
 
 
@@ -153,10 +164,8 @@ def test_logit_adjust_counts_absent_classes_as_one_image(mask_past):
     logits, y = logits_and_labels(labels=[2, 3, 3, 2, 2])
     logits.requires_grad_(True)
     strategy = LogitAdjust(tau=1.0, mask_past=mask_past)
-    exp = experience_with([2] * 6 + [3] * 2, (2, 3))
-    strategy.before_task(None, exp)
-    strategy.train_dataset(exp, [])
-    loss = strategy.loss(None, None, y, logits)
+    strategy.before_task(None, task_with([2] * 6 + [3] * 2, (2, 3)))
+    loss = strategy.loss(giving(logits), None, y)
     if mask_past:  # out of the loss entirely
         expected = F.cross_entropy(logits[:, 2:] + log_prior([6, 2]), y - 2)
     else:  # counts (1, 1, 6, 2)
@@ -178,19 +187,19 @@ def test_drw_reweights_exactly_from_start_epoch():
     logits, y = logits_and_labels(labels=[0, 1, 2, 0, 0, 1, 2])
     counts = [40, 8, 2]
     strategy = DRW(beta=0.999)
-    strategy.train_dataset(experience_with(np.repeat([0, 1, 2], counts), (0, 1, 2)), [])
+    strategy.before_task(None, task_with(np.repeat([0, 1, 2], counts), (0, 1, 2)))
     weighted = F.cross_entropy(logits[:, :3], y, weight=class_balanced_weights(counts, 0.999))
     plain = F.cross_entropy(logits[:, :3], y)
     assert abs((weighted - plain).item()) > 1e-3
     losses = []
     for epoch in range(5):  # default: 5 * 4 // 5 = epoch 4 is the first weighted
         strategy.before_epoch(None, epoch, 5, 3)
-        losses.append(strategy.loss(None, None, y, logits[:, :3]))
+        losses.append(strategy.loss(giving(logits[:, :3]), None, y))
     assert all(torch.equal(loss, plain) for loss in losses[:4])
     torch.testing.assert_close(losses[4], weighted)
 
     strategy.after_task(None, None, lambda: iter([]))
-    assert torch.equal(strategy.loss(None, None, y, logits[:, :3]), plain) and strategy.state_dict() == {}
+    assert torch.equal(strategy.loss(giving(logits[:, :3]), None, y), plain) and strategy.state_dict() == {}
 
 
 def test_drw_start_epoch_default_and_explicit():
@@ -202,9 +211,9 @@ def test_drw_through_the_engine_switches_at_start_epoch():
     seen = []
 
     class Spy(DRW):
-        def loss(self, model, x, y, output):
+        def loss(self, model, x, y, extra=None):
             seen.append((self.epoch, self.weights is not None))
-            return super().loss(model, x, y, output)
+            return super().loss(model, x, y, extra)
 
         def before_epoch(self, model, epoch, epochs, steps):
             self.epoch = epoch
@@ -215,7 +224,7 @@ def test_drw_through_the_engine_switches_at_start_epoch():
     model.grow(4)  # one more class than the data has: weight 0, no error
     strategy = Spy(start_epoch=2)
     Engine(TrainConfig(epochs=4, batch_size=7), seed=0).fit(
-        model, strategy, strategy.train_dataset(exp, []), experience=0, label="t")
+        model, strategy, strategy.before_task(model, Task(exp, (), 4)), experience=0, label="t")
     assert seen == [(e, e >= 2) for e in range(4) for _ in range(2)]
     assert strategy.weights.shape == (4,) and strategy.weights[3].item() == 0.0
 
@@ -223,14 +232,12 @@ def test_drw_through_the_engine_switches_at_start_epoch():
 def test_drw_weights_absent_classes_zero_and_masks_with_mask_past():
     logits, y = logits_and_labels(labels=[2, 3, 3, 2])
     strategy = DRW(start_epoch=0, beta=0.5, mask_past=True)
-    exp = experience_with([2] * 4 + [3] * 1, (2, 3))
-    strategy.before_task(None, exp)
-    strategy.train_dataset(exp, [])
+    strategy.before_task(None, task_with([2] * 4 + [3] * 1, (2, 3)))
     strategy.before_epoch(None, 0, 1, 1)
     # counts (0, 0, 4, 1), beta 0.5: E = 1.875, 1 -> w ∝ 8/15, 1; scaled to sum 2: 16/23, 30/23
     w = class_balanced_weights([0, 0, 4, 1], 0.5)
     torch.testing.assert_close(w, torch.tensor([0.0, 0.0, 16 / 23, 30 / 23]))
-    torch.testing.assert_close(strategy.loss(None, None, y, logits),
+    torch.testing.assert_close(strategy.loss(giving(logits), None, y),
                                F.cross_entropy(logits[:, 2:], y - 2, weight=w[2:]))
 
 

@@ -16,7 +16,8 @@ from clsim.engine.checkpoint import RunState
 from clsim.engine.engine import Engine
 from clsim.engine.sam import SAM, frozen_batchnorm_stats
 from clsim.errors import ConfigError
-from clsim.experiment import Learner, train_and_evaluate
+from clsim.experiment import train_and_evaluate
+from clsim.learner import Learner
 from clsim.models.small import mlp
 from clsim.strategies.base import Finetune
 

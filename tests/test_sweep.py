@@ -36,7 +36,7 @@ BOOM = '''
 from clsim.strategies.base import Finetune
 
 class Boom(Finetune):
-    def before_task(self, model, experience):
+    def before_task(self, model, task):
         raise RuntimeError("boom in before_task")
 '''
 
@@ -313,7 +313,7 @@ from pathlib import Path
 from clsim.strategies.base import Finetune
 
 class Sleepy(Finetune):
-    def before_task(self, model, experience):
+    def before_task(self, model, task):
         Path(os.environ["SLEEPY_DIR"], str(os.getpid())).write_text("")
         time.sleep(300)
 """

@@ -153,16 +153,19 @@ def draw(seed: int, step: int, client: int, what: str) -> float:
 
 
 def injected_fault(tier: Tier, *, seed: int, step: int, client: int) -> str | None:
-    """The fault a client suffers in a training round, if any: 'drop', 'raise', 'hang' or None."""
-    if draw(seed, step, client, "dropout") < tier.dropout:
-        return "drop"
-    if draw(seed, step, client, "fail") < tier.fail_prob:
-        return "raise"
-    if draw(seed, step, client, "hang") < tier.hang_prob:
-        return "hang"
+    """The fault a client suffers in a training round, if any: 'drop', 'raise', 'hang' or None.
+
+    A fault of probability 0 is not drawn at all (each draw is its own stream, so skipping one
+    changes no other): a draw costs ~40 us, three per client per round.
+    """
+    for fault, p, what in (("drop", tier.dropout, "dropout"), ("raise", tier.fail_prob, "fail"),
+                           ("hang", tier.hang_prob, "hang")):
+        if p > 0 and draw(seed, step, client, what) < p:
+            return fault
     return None
 
 
 def online(tier: Tier, *, seed: int, step: int, client: int) -> bool:
-    """Whether the client is reachable when round ``step`` samples clients."""
-    return draw(seed, step, client, "online") < tier.availability
+    """Whether the client is reachable when round ``step`` samples clients (always, for an
+    availability of 1: no draw, which every client would cost every round)."""
+    return tier.availability >= 1.0 or draw(seed, step, client, "online") < tier.availability

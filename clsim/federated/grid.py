@@ -9,6 +9,7 @@ parallelism and real time-outs (a hanging client simply delays the round).
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -49,6 +50,41 @@ class InProcessGrid:
             except Exception as exc:  # noqa: BLE001 - a failing client never stops the run
                 reply = Message(Error(code=CLIENT_ERROR, reason=f"{type(exc).__name__}: {exc}"), reply_to=message)
             replies.append(reply)
+        return replies
+
+
+class PromptGrid:
+    """A Flower ``Grid`` whose ``send_and_receive`` looks for replies soon after they arrive.
+
+    Flower's in-memory grid (the simulation engine's) pulls replies every 0.1 s, so every
+    exchange costs up to 0.1 s on top of the clients' work: 20 exchanges of a 15-round run,
+    2 s. This pulls through the grid's own ``push_messages`` / ``pull_messages`` instead,
+    first after ``first_s``, then backing off by ``growth`` up to ``max_s`` while nothing
+    arrives (and again from ``first_s`` after each reply), so a round ends within a few
+    milliseconds of its last reply and an idle wait costs ~20 cheap pulls a second.
+    Everything else is the wrapped grid's.
+    """
+
+    def __init__(self, grid: Any, *, first_s: float = 0.002, max_s: float = 0.05, growth: float = 1.5):
+        self.grid, self.first_s, self.max_s, self.growth = grid, first_s, max_s, growth
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.grid, name)
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
+        """Push ``messages``, then pull until every one has a reply or ``timeout`` seconds passed."""
+        pending = set(self.grid.push_messages(messages))
+        deadline = None if timeout is None else time.monotonic() + timeout
+        replies: list[Message] = []
+        wait = self.first_s
+        while pending:
+            arrived = list(self.grid.pull_messages(pending))
+            replies += arrived
+            pending -= {m.metadata.reply_to_message_id for m in arrived}
+            if not pending or (deadline is not None and time.monotonic() >= deadline):
+                break
+            wait = self.first_s if arrived else min(wait * self.growth, self.max_s)
+            time.sleep(wait if deadline is None else max(0.0, min(wait, deadline - time.monotonic())))
         return replies
 
 

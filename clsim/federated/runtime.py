@@ -9,8 +9,10 @@ compute the same ones.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -118,11 +120,34 @@ def config_text(config: ExperimentConfig) -> str:
     return yaml.safe_dump(config.to_dict(), sort_keys=False)
 
 
-@functools.lru_cache(maxsize=4)
+_SHARED: dict[str, Runtime] = {}
+
+
 def runtime(text: str) -> Runtime:
-    """Parse ``text`` (a resolved config) and build its stream; cached per process."""
-    config = parse_config(yaml.safe_load(text))
-    return build_runtime(config)
+    """The :class:`Runtime` of ``text`` (a resolved config): the one :func:`shared` lends in this
+    process, else parsed and built once per process (cached)."""
+    lent = _SHARED.get(text)
+    return lent if lent is not None else _built(text)
+
+
+@functools.lru_cache(maxsize=4)
+def _built(text: str) -> Runtime:
+    return build_runtime(parse_config(yaml.safe_load(text)))
+
+
+@contextlib.contextmanager
+def shared(text: str, rt: Runtime) -> Iterator[None]:
+    """Clients in this process use the server's ``rt`` for ``text`` (the in-process grid).
+
+    The server has already loaded the data and cut every experience's partitions; a client
+    building its own copy from the same config would redo both (about a second on the digits
+    scenario) for the same arrays: partitions are a pure function of the config.
+    """
+    _SHARED[text] = rt
+    try:
+        yield
+    finally:
+        _SHARED.pop(text, None)
 
 
 def build_runtime(config: ExperimentConfig) -> Runtime:

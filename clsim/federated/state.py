@@ -5,22 +5,38 @@ strategy's ``state_dict()``, saved after every round the client works in, one fi
 ``DIR/<client>/s<step>.pt``. A client loads the newest file *older than the current step*, so
 a round that is repeated after ``--resume`` starts from exactly the state it started from the
 first time, even if the killed run had already saved that round's result.
+
+Client state files are written atomically (a temp file renamed over the target: a killed run
+never leaves half a file) but not fsync'ed: a round writes one per client, and an fsync each
+(10-30 ms on a busy disk) would cost more than the round's training; the server's checkpoint,
+which decides where ``--resume`` continues, still is. A process also keeps the states it saved
+in memory (:data:`MEMORY_BUDGET` bytes, newest first) and hands a copy back when the file on
+disk is still the one it wrote, instead of reading it back; with the in-process grid, and on a
+Ray worker that meets the same client again, a client's next round reads nothing.
 """
 
 from __future__ import annotations
 
+import os
 import re
+import tempfile
+from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
-from clsim.engine.checkpoint import CHECKPOINT_KEY, RESUME_ADVICE, load_plain, save_plain
+from clsim.engine.checkpoint import CHECKPOINT_KEY, RESUME_ADVICE, load_plain, save_plain, to_plain
 from clsim.errors import ConfigError
 
 _STEP = re.compile(r"^s(\d+)\.pt$")
 STATE_KEY = "federated client state"  # the ConfigError key naming an unreadable client state file
+MEMORY_BUDGET = 64 * 2**20
+"""Bytes of tensors and arrays of client states a process keeps in memory (older ones are dropped)."""
+_UMASK = os.umask(0o022)  # new files get 0666 minus the umask, as clsim.atomic's (mkstemp makes 0600)
+os.umask(_UMASK)
 
 
 class ClientStore:
@@ -39,16 +55,116 @@ class ClientStore:
         steps = [s for s in self._steps() if s < before]
         if not steps:
             return None
+        path = self.dir / f"s{steps[-1]:07d}.pt"
+        kept = _memory.get(path)
+        if kept is not None:
+            return _copy(kept)
         # weights-only (clsim.engine.checkpoint.load_file): a state folder may come from elsewhere
-        return load_plain(self.dir / f"s{steps[-1]:07d}.pt", key=STATE_KEY)
+        return load_plain(path, key=STATE_KEY)
 
     def save(self, step: int, state: dict[str, Any]) -> None:
         """Save ``state`` as of ``step``; keep only the newest older state besides it."""
         self.dir.mkdir(parents=True, exist_ok=True)
-        save_plain(self.dir / f"s{step:07d}.pt", state)
+        path = self.dir / f"s{step:07d}.pt"
+        _write(path, to_plain(state))
+        _memory.put(path, _copy(state))
         older = [s for s in self._steps() if s < step]
         for s in older[:-1]:
             (self.dir / f"s{s:07d}.pt").unlink(missing_ok=True)
+            _memory.drop(self.dir / f"s{s:07d}.pt")
+
+
+def _write(path: Path, plain: Any) -> None:
+    """``torch.save(plain)`` into a temp file beside ``path``, renamed over it (no fsync)."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.chmod(tmp, 0o666 & ~_UMASK)
+        with os.fdopen(fd, "wb") as f:
+            torch.save(plain, f)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _copy(obj: Any) -> Any:
+    """A copy of a state that shares no tensor or array with ``obj``, tensors on the CPU (as a
+    file read back gives them: a strategy may change what it loads in place)."""
+    if isinstance(obj, torch.Tensor):
+        out = obj.detach().to("cpu", copy=True)
+        if isinstance(obj, torch.nn.Parameter):
+            return torch.nn.Parameter(out, requires_grad=obj.requires_grad)
+        return out.requires_grad_(obj.requires_grad) if obj.requires_grad else out
+    if isinstance(obj, np.ndarray):
+        return obj.copy()
+    if isinstance(obj, dict):  # dict, OrderedDict (a module's state_dict, with its _metadata)
+        out = type(obj)((k, _copy(v)) for k, v in obj.items())
+        if hasattr(obj, "_metadata"):
+            out._metadata = obj._metadata
+        return out
+    if type(obj) in (list, tuple, set, frozenset):
+        return type(obj)(_copy(v) for v in obj)
+    return obj  # immutable leaves: to_plain accepted nothing else
+
+
+def _nbytes(obj: Any) -> int:
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, np.ndarray):
+        return obj.nbytes
+    if isinstance(obj, dict):
+        return sum(_nbytes(v) for v in obj.values())
+    if isinstance(obj, list | tuple | set | frozenset):
+        return sum(_nbytes(v) for v in obj)
+    return 0
+
+
+class _Memory:
+    """The client states this process wrote, by file, while the file is the one it wrote
+    (same inode, size and modification time: a resumed run in another process may rewrite it)."""
+
+    def __init__(self, budget: int):
+        self.budget, self.used = budget, 0
+        self.items: OrderedDict[str, tuple[tuple[int, int, int], int, Any]] = OrderedDict()
+
+    @staticmethod
+    def _identity(path: Path) -> tuple[int, int, int] | None:
+        try:
+            st = path.stat()
+        except OSError:
+            return None
+        return st.st_ino, st.st_size, st.st_mtime_ns
+
+    def put(self, path: Path, state: Any) -> None:
+        key, size = str(path.absolute()), _nbytes(state)
+        self.drop(path)
+        identity = self._identity(path)
+        if identity is None or size > self.budget:
+            return
+        self.items[key] = (identity, size, state)
+        self.used += size
+        while self.used > self.budget:
+            _, (_, dropped, _) = self.items.popitem(last=False)
+            self.used -= dropped
+
+    def get(self, path: Path) -> Any | None:
+        key = str(path.absolute())
+        item = self.items.get(key)
+        if item is None:
+            return None
+        if self._identity(path) != item[0]:
+            self.drop(path)
+            return None
+        self.items.move_to_end(key)
+        return item[2]
+
+    def drop(self, path: Path) -> None:
+        item = self.items.pop(str(path.absolute()), None)
+        if item is not None:
+            self.used -= item[1]
+
+
+_memory = _Memory(MEMORY_BUDGET)
 
 
 @dataclass
