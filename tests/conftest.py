@@ -66,9 +66,9 @@ def _tiny_mlp(input_shape: tuple[int, int, int] = TINY_SHAPE, *, seed: int = 0) 
 
 def _make_learner(
     scenario: Scenario, strategy: Strategy, *, seed: int = 0, model_seed: int | None = None,
-    lr: float = 1e-2,
+    lr: float = 1e-2, epochs: int = 1,
 ) -> Learner:
-    """A learner as ``Learner.build`` makes one: tiny MLP, 1 epoch, CPU.
+    """A learner as ``Learner.build`` makes one: tiny MLP, ``epochs`` epochs (default 1), CPU.
 
     ``seed`` is the experiment seed (the engine's batches); ``model_seed`` (default ``seed``)
     draws the initial weights.
@@ -77,7 +77,7 @@ def _make_learner(
     from clsim.engine.engine import Engine
     from clsim.learner import Learner
 
-    engine = Engine(TrainConfig(epochs=1, batch_size=8, lr=lr, eval_batch_size=64), seed=seed)
+    engine = Engine(TrainConfig(epochs=epochs, batch_size=8, lr=lr, eval_batch_size=64), seed=seed)
     model_seed = seed if model_seed is None else model_seed
     required = getattr(strategy, "required_model", None)  # e.g. gcab_vit, or (deit, dhvt_distilled)
     if isinstance(required, tuple):
@@ -120,7 +120,7 @@ def tiny_mlp():
 
 @pytest.fixture
 def make_learner():
-    """``make_learner(scenario, strategy, *, seed=0, model_seed=None, lr=1e-2)``: see ``_make_learner``."""
+    """``make_learner(scenario, strategy, *, seed=0, model_seed=None, lr=1e-2, epochs=1)``: see ``_make_learner``."""
     return _make_learner
 
 

@@ -39,14 +39,15 @@ def _recorder(name: str):
 class Recording(Strategy):
     """Every forwarded method records its arguments and returns a fresh sentinel."""
 
-    uses_teacher, required_model, keeps_parameter_state, mask_past = True, "some_model", True, True
-
     def __init__(self):
         self.calls: list[tuple] = []
 
 
 for _name in FORWARDED:
     setattr(Recording, _name, _recorder(_name))
+for _name in CAPABILITIES:  # every capability unlike the base class's default
+    _default = getattr(Strategy, _name)
+    setattr(Recording, _name, (not _default) if isinstance(_default, bool) else "some_model")
 
 
 def positional(name: str) -> list[str]:

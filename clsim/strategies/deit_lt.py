@@ -248,7 +248,10 @@ class DeiTLTTeacher(Strategy):
             logits = logits + self.tau * self.prior.to(logits.device)[: logits.shape[1]]
         if self.mask_past and self.first_new_class > 0:  # earlier classes out of the softmax and the targets
             logits = logits[:, self.first_new_class:]
-            y = y[:, self.first_new_class:] / y[:, self.first_new_class:].sum(1, keepdim=True).clamp_min(1e-12)
+            if y.dim() == 1:  # hard labels (prepare_batch mixes them; a direct call may not)
+                y = y - self.first_new_class
+            else:
+                y = y[:, self.first_new_class:] / y[:, self.first_new_class:].sum(1, keepdim=True).clamp_min(1e-12)
         return weighted_cross_entropy(logits, y)
 
     def after_task(self, model: nn.Module, task: Task, batches: Batches) -> None:
