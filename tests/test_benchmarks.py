@@ -62,6 +62,6 @@ def test_deit_lt_benchmark_quick_prints_every_row(tmp_path):
     result = run_benchmark("deit_lt.py", "--quick", "--out", str(tmp_path / "runs"),
                            "--report", str(tmp_path / "deit_lt.md"))
     assert result["benchmark"] == "deit_lt" and result["seeds"] == [0]
-    assert set(result["rows"]) == {"vit_ce", "vit_drw", "teacher", "deit_lt_id", "deit_lt"}
+    assert set(result["rows"]) == {"vit_ce", "vit_drw", "teacher", "deit_lt_clean", "deit_lt"}
     assert "dist_tail_accuracy" in result["rows"]["deit_lt"]
     assert "| deit_lt |" in (tmp_path / "deit_lt.md").read_text()
