@@ -13,7 +13,9 @@ Three message handlers (``flwr.clientapp.ClientApp``, Message API):
   seen experiences.
 
 The resolved experiment config travels in every message, so this app needs nothing else: it
-runs unchanged in Flower's simulation engine, in-process, and on real SuperNodes.
+runs unchanged in Flower's simulation engine, in-process, and on real SuperNodes. Before a
+config is built, the code it names (plugin files, Avalanche plugins) is checked against the
+node's own allow-list (:mod:`clsim.federated.trust`; refused: an error reply with the reason).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from clsim.federated.fleet import Tier, injected_fault
 from clsim.federated.proximal import proximal_term
 from clsim.federated.runtime import Runtime, runtime
 from clsim.federated.state import ClientStore
+from clsim.federated.trust import RefusedCode, check
 from clsim.federated.submodels import bn_statistics, build_submodel, held_labels, mask_absent
 from clsim.learner import Learner
 from clsim.scenarios.base import Experience
@@ -70,6 +73,7 @@ class Job:
 
 def _job(msg: Message, context: Context) -> Job:
     cfg = msg.content["config"]
+    check(str(cfg["experiment"]), context.node_config)  # before the config imports anything
     rt = runtime(str(cfg["experiment"]))
     client = _client_index(cfg, context)
     state_dir = str(context.node_config.get("state-dir", cfg["state-dir"]))
@@ -153,8 +157,14 @@ def identify(msg: Message, context: Context) -> Message:
     one-off cost out of the first round's time.
     """
     if "config" in msg.content.config_records:
-        runtime(str(msg.content["config"]["experiment"])).partition(0, "train")
-    metrics = MetricRecord({"partition-id": int(context.node_config["partition-id"])})
+        text = str(msg.content["config"]["experiment"])
+        try:  # a refused config is not built; its training messages then fail with the reason
+            check(text, context.node_config)
+            runtime(text).partition(0, "train")
+        except RefusedCode:
+            pass
+    metrics = MetricRecord({"partition-id": int(context.node_config["partition-id"]),
+                            "num-partitions": int(context.node_config.get("num-partitions", -1))})
     return Message(RecordDict({"metrics": metrics}), reply_to=msg)
 
 

@@ -21,6 +21,7 @@ from typing import Any
 from clsim.config import ExperimentConfig
 from clsim.engine.progress import Progress
 from clsim.errors import ConfigError
+from clsim.federated.trust import trusting
 
 
 def run(config: ExperimentConfig, out_dir: Path, *, resume: bool = False, quiet: bool = False) -> dict[str, Any]:
@@ -36,9 +37,10 @@ def run(config: ExperimentConfig, out_dir: Path, *, resume: bool = False, quiet:
 
         federation = Federation(config, out_dir, progress, resume=resume, assign_clients=True)
         write_config(config, out_dir)
-        if config.federated.engine == "inprocess":
-            return run_inprocess(federation)
-        return run_simulation(federation)
+        with trusting():  # simulated clients are this user's own: the code allow-list is open
+            if config.federated.engine == "inprocess":
+                return run_inprocess(federation)
+            return run_simulation(federation)
 
 
 def check_supported(config: ExperimentConfig) -> None:

@@ -87,6 +87,17 @@ def bytes_of(content: RecordDict) -> int:
     return sum(len(array.data) for record in content.array_records.values() for array in record.values())
 
 
+def check_partition(k: int, partitions: int, n: int, node: int, clients: dict[int, NodeInfo]) -> None:
+    """A node's partition id against the federation's ``n`` clients and the nodes already mapped."""
+    hint = f"each SuperNode needs --node-config 'partition-id=K num-partitions={n}' with its own K in 0..{n - 1}"
+    if partitions not in (-1, n):
+        raise RuntimeError(f"node {node} has num-partitions={partitions}, but federated.num_clients is {n} ({hint})")
+    if not 0 <= k < n:
+        raise RuntimeError(f"node {node} has partition-id={k}, outside 0..{n - 1} ({hint})")
+    if k in clients:
+        raise RuntimeError(f"nodes {clients[k].node_id} and {node} both have partition-id={k} ({hint})")
+
+
 def failure_reason(message: Message) -> str:
     """A short reason from an error reply (Ray wraps the client's exception text)."""
     reason = message.error.reason or f"error code {message.error.code}"
@@ -183,15 +194,20 @@ class Federation:
             list(grid.send_and_receive(warm, timeout=wait_s))
             return {k: NodeInfo(node_ids[k], k, self.rt.tiers[k]) for k in range(n)}
         queries = [Message(content, dst_node_id=node, message_type="query") for node in node_ids]
-        clients = {}
+        clients: dict[int, NodeInfo] = {}
+        failed = []
         for reply in grid.send_and_receive(queries, timeout=wait_s):
-            if not reply.has_error():
-                k = int(reply.content["metrics"]["partition-id"])
-                clients[k] = NodeInfo(reply.metadata.src_node_id, k, self.rt.tiers[k] if k < n else None)
+            if reply.has_error():
+                failed.append(f"node {reply.metadata.src_node_id}: {failure_reason(reply)}")
+                continue
+            k, node = int(reply.content["metrics"]["partition-id"]), reply.metadata.src_node_id
+            check_partition(k, int(reply.content["metrics"].get("num-partitions", n)), n, node, clients)
+            clients[k] = NodeInfo(node, k, self.rt.tiers[k])
         missing = sorted(set(range(n)) - set(clients))
         if missing:
+            why = f"; {len(failed)} failed to answer ({failed[0]})" if failed else ""
             raise RuntimeError(f"no node holds partition(s) {missing[:10]} (each SuperNode needs "
-                               f"--node-config 'partition-id=K num-partitions={n}')")
+                               f"--node-config 'partition-id=K num-partitions={n}'){why}")
         return {k: clients[k] for k in range(n)}
 
     def _bind_strategy(self) -> None:
