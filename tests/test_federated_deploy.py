@@ -345,3 +345,48 @@ def test_a_tls_federation_admits_only_registered_supernodes_and_matches_inproces
     inproc = json.loads((tmp_path / "inproc" / "metrics.json").read_text())
     for key in ("accuracy_matrix", "communication_bytes", "client_accuracy"):
         assert metrics[key] == inproc[key], key
+
+
+@pytest.mark.slow
+def test_on_loopback_a_supernode_refuses_a_plugin_it_does_not_allow(tmp_path):
+    """Issue 16, point 3 on real SuperNodes: node 0 allows the SI plugin file, node 1 allows
+    nothing; node 1's worker logs the refusal, and the server records it as node 1's failure in
+    every round while node 0's training goes on."""
+    raw = copy.deepcopy(tiny(num_clients=2, rounds_per_experience=1)) | {"name": "fed_refuse", "seed": 3}
+    raw["federated"].pop("backend")
+    raw["strategy"] = {"plugin": str(ROOT / "strategies" / "si.py") + ":SI", "lambda": 1.0}
+    config = tmp_path / "refuse.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    link, home, out = free_port(), tmp_path / "flwr_home", tmp_path / "refuse_run"
+    home.mkdir()
+    (home / "config.toml").write_text(f'[superlink.local]\naddress = "127.0.0.1:{link}"\ninsecure = true\n')
+    env = {k: v for k, v in os.environ.items() if k != "CLSIM_SIMULATED_CLIENTS"} | {
+        "FLWR_HOME": str(home), "FLWR_DISABLE_UPDATE_CHECK": "1",
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    assert subprocess.run([sys.executable, "-m", "clsim.federated.server_app", str(tmp_path / "app")],
+                          cwd=ROOT, env=env, stdout=subprocess.DEVNULL).returncode == 0
+    procs = Processes(tmp_path, env)
+    allow = {0: f" allow-code='{ROOT}/strategies/*.py'", 1: ""}
+    try:
+        procs.start("superlink", str(BIN / "flower-superlink"), "--insecure", "--database", ":flwr-in-memory:",
+                    "--port", str(link))
+        wait_for_port(link)
+        for k in range(2):
+            port = free_port()
+            procs.start(f"node{k}", str(BIN / "flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{link}",
+                        "--isolation", "process", "--port", str(port),
+                        "--node-config", f"partition-id={k} num-partitions=2{allow[k]}")
+            wait_for_port(port)
+            procs.start(f"worker{k}", sys.executable, "-m", "clsim.federated.worker",
+                        "--runtime-api-address", f"127.0.0.1:{port}", "--insecure")
+        run = flwr(env, tmp_path, "run", str(tmp_path / "app"), "local", "--stream", "--run-config",
+                   f"config='{config}' out='{out}'", timeout=540)
+        assert (out / "metrics.json").exists(), run.stdout[-3000:] + run.stderr[-3000:]
+    finally:
+        procs.stop()
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert len(metrics["rounds"]) == 2
+    for record in metrics["rounds"]:
+        assert record["aggregated"] == [0], record
+        assert "this node does not run" in record["failed"]["1"] and "allow-code" in record["failed"]["1"]
+    assert "this node does not run" in procs.log("worker1") and "this node does not run" not in procs.log("worker0")
