@@ -36,7 +36,7 @@ from clsim.federated.runtime import Runtime, runtime
 from clsim.federated.state import ClientStore
 from clsim.federated.trust import RefusedCode, check
 from clsim.federated.submodels import bn_statistics, build_submodel, held_labels, mask_absent
-from clsim.learner import Learner
+from clsim.learner import Learner, grow_model
 from clsim.scenarios.base import Experience
 
 app = ClientApp()
@@ -104,12 +104,14 @@ def build_local(job: Job, global_state: dict[str, torch.Tensor]) -> Learner:
                            static_bn=bool(job.config.get("static-bn", False)))
     learner = Learner.build(config, scenario=scenario, model=model)
     saved = job.store.load(before=job.step)
+    # Unseeded growth: the global state overwrites every new row below, and learn / consolidate
+    # reseed before they draw (seeding each growth was a third of a client's per-round overhead).
     if saved is not None:
         # the state was saved with the head of its own experience (an LwF teacher has that shape)
-        learner.grow_to(saved["num_classes"])
+        grow_model(learner.model, scenario, saved["num_classes"])
         learner.strategy.load_state_dict(saved["strategy"])
         job.state_classes = saved["num_classes"]
-    learner.grow_to(job.rt.head_size(job.experience))
+    grow_model(learner.model, scenario, job.rt.head_size(job.experience))
     learner.model.load_state_dict(global_state)
     return learner
 
