@@ -34,8 +34,8 @@ from clsim.federated.fleet import Tier, injected_fault
 from clsim.federated.proximal import proximal_term
 from clsim.federated.runtime import Runtime, runtime
 from clsim.federated.state import ClientStore
-from clsim.federated.trust import RefusedCode, check
 from clsim.federated.submodels import bn_statistics, build_submodel, held_labels, mask_absent
+from clsim.federated.trust import RefusedCode, check
 from clsim.learner import Learner, grow_model
 from clsim.scenarios.base import Experience
 
