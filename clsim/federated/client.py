@@ -73,12 +73,18 @@ class Job:
 
 def _job(msg: Message, context: Context) -> Job:
     cfg = msg.content["config"]
-    check(str(cfg["experiment"]), context.node_config)  # before the config imports anything
-    rt = runtime(str(cfg["experiment"]))
+    rt = allowed_runtime(str(cfg["experiment"]), context)
     client = _client_index(cfg, context)
     state_dir = str(context.node_config.get("state-dir", cfg["state-dir"]))
     return Job(rt, client, int(cfg["experience"]), int(cfg["round"]), int(cfg["step"]),
                ClientStore(state_dir, client), cfg)
+
+
+def allowed_runtime(text: str, context: Context) -> Runtime:
+    """The experiment's :class:`Runtime`, once this node's allow-list admits every piece of code
+    the config names (checked before parsing it, which would import them; :mod:`clsim.federated.trust`)."""
+    check(text, context.node_config)
+    return runtime(text)
 
 
 def _client_index(cfg: ConfigRecord, context: Context) -> int:
@@ -159,10 +165,8 @@ def identify(msg: Message, context: Context) -> Message:
     one-off cost out of the first round's time.
     """
     if "config" in msg.content.config_records:
-        text = str(msg.content["config"]["experiment"])
         try:  # a refused config is not built; its training messages then fail with the reason
-            check(text, context.node_config)
-            runtime(text).partition(0, "train")
+            allowed_runtime(str(msg.content["config"]["experiment"]), context).partition(0, "train")
         except RefusedCode:
             pass
     metrics = MetricRecord({"partition-id": int(context.node_config["partition-id"]),

@@ -74,8 +74,8 @@ def allow_list(node_config: Mapping[str, Any]) -> list[str]:
 def allowed(code: str, patterns: list[str]) -> bool:
     """Whether ``code`` (``NAME:CLASS`` or ``FILE.py:Class``) matches one of ``patterns``."""
     candidates = {code}
-    file, sep, _ = code.rpartition(":")
-    if sep and file.endswith(".py"):  # a plugin file: the file, as named and as it resolves here
+    file = _plugin_file(code)
+    if file is not None:  # a plugin file: the file, as named and as it resolves here
         candidates |= {file, str(Path(file).expanduser().resolve())}
     return any(fnmatch.fnmatchcase(c, p) for c in candidates for p in patterns)
 
@@ -98,9 +98,14 @@ def _requested(text: str) -> tuple[tuple[str, str], ...]:
     return tuple(requested_code(yaml.safe_load(text)))
 
 
+def _plugin_file(code: str) -> str | None:
+    """The file of a ``FILE.py:Class`` plugin; None for a ``NAME:CLASS`` one."""
+    file, sep, _ = code.rpartition(":")
+    return file if sep and file.endswith(".py") else None
+
+
 def _suggest(code: str) -> str:
-    file, _, _ = code.rpartition(":")
-    return file if file.endswith(".py") else code
+    return _plugin_file(code) or code
 
 
 @contextlib.contextmanager
