@@ -457,3 +457,25 @@ def test_imagenet_r_normalization_matches_the_choice(imagenet_r_root, normalize,
     assert norm.mean[0] == pytest.approx(mean)
     x, _ = source.test[0]
     assert x.shape == (3, 32, 32)
+
+
+
+@pytest.mark.parametrize("factory", [digits, synthetic])
+def test_validation_fraction_evaluates_on_held_out_training_images(factory, monkeypatch):
+    """A tuning run trains and evaluates inside the training split: no test image appears in it."""
+    import clsim.data.embedded as embedded
+
+    monkeypatch.setattr(embedded, "standardize", lambda a, b: (a, b))  # raw pixels: compare images
+
+    def rows(images):
+        return {tuple(r.tolist()) for r in images.flatten(1)}
+
+    plain, tuning = factory(), factory(validation_fraction=0.25)
+    train, test = rows(plain.train.images), rows(plain.test.images)
+    assert rows(tuning.train.images) | rows(tuning.test.images) == train
+    assert not rows(tuning.test.images) & (rows(tuning.train.images) | test)
+    expected = np.maximum(1, np.round(np.bincount(plain.train.targets) * 0.25)).astype(int)
+    assert np.bincount(tuning.test.targets).tolist() == expected.tolist()
+    assert factory(validation_fraction=0.25).test.images.equal(tuning.test.images)  # fixed by the seed
+    with pytest.raises(ConfigError, match="data.validation_fraction"):
+        factory(validation_fraction=1.0)

@@ -170,8 +170,10 @@ def supports_batches(dataset: Dataset) -> bool:
     return bool(getattr(dataset, "supports_batches", False))
 
 
-def stratified_split(targets: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """A stratified train/test index split, fixed by ``seed``."""
+def stratified_split(
+    targets: np.ndarray, test_fraction: float, seed: int | list[int]
+) -> tuple[np.ndarray, np.ndarray]:
+    """A stratified train/test index split, fixed by ``seed`` (an int or a list of ints)."""
     rng = np.random.default_rng(seed)
     train, test = [], []
     for c in np.unique(targets):

@@ -11,6 +11,9 @@ from clsim.data.transforms import Compose, RandomShift, resize, standardize
 from clsim.errors import ConfigError
 from clsim.registry import DATASETS
 
+VALIDATION_SPLIT = 1
+"""Second entry of the validation split's seed, ``[split_seed, VALIDATION_SPLIT]`` (apart from the test split's)."""
+
 
 def _in_memory_source(
     name: str,
@@ -21,10 +24,17 @@ def _in_memory_source(
     test_fraction: float,
     split_seed: int,
     shift: int,
+    validation_fraction: float = 0.0,
 ) -> Source:
     if not 0.0 < test_fraction < 1.0:
         raise ConfigError("data.test_fraction", f"expected a number in (0, 1), got {test_fraction}")
+    if not 0.0 <= validation_fraction < 1.0:
+        raise ConfigError("data.validation_fraction", f"expected a number in [0, 1), got {validation_fraction}")
     train_idx, test_idx = stratified_split(targets, test_fraction, split_seed)
+    if validation_fraction > 0:
+        # tuning: evaluate on a part of the training images, so the test set never picks a setting
+        keep, held = stratified_split(targets[train_idx], validation_fraction, [split_seed, VALIDATION_SPLIT])
+        train_idx, test_idx = train_idx[keep], train_idx[held]
     x_train, x_test = standardize(images[train_idx], images[test_idx])
     augment = Compose([RandomShift(shift)]) if shift > 0 else None
     return Source(
@@ -38,7 +48,8 @@ def _in_memory_source(
 
 @DATASETS.register("digits")
 def digits(
-    *, image_size: int = 8, test_fraction: float = 0.2, split_seed: int = 0, shift: int = 1
+    *, image_size: int = 8, test_fraction: float = 0.2, split_seed: int = 0, shift: int = 1,
+    validation_fraction: float = 0.0,
 ) -> Source:
     """scikit-learn's bundled handwritten digits: 1,797 real 8x8 grey images, 10 classes.
 
@@ -47,6 +58,9 @@ def digits(
         test_fraction: share of each class held out for testing.
         split_seed: seed of the stratified train/test split.
         shift: train augmentation, random translation by up to this many pixels (0 = none).
+        validation_fraction: 0 (default): the test set is the held-out test split. > 0: a
+            tuning run: this share of each class's training images is held out and serves as
+            the test set instead (the test split is neither trained on nor evaluated).
     """
     from sklearn.datasets import load_digits
 
@@ -59,6 +73,7 @@ def digits(
     return _in_memory_source(
         "digits", images, bunch.target.astype(np.int64), names,
         test_fraction=test_fraction, split_seed=split_seed, shift=shift,
+        validation_fraction=validation_fraction,
     )
 
 
@@ -114,6 +129,7 @@ def synthetic(
     max_shift: int | None = None,
     noise: float = 0.5,
     test_fraction: float = 0.2,
+    validation_fraction: float = 0.0,
     seed: int = 0,
 ) -> Source:
     """Generated images: any number of classes, size and channels; deterministic by seed.
@@ -128,6 +144,9 @@ def synthetic(
             position, which keeps a linear model on pixels near 0.5 accuracy (tested).
         noise: standard deviation of the pixel noise, relative to the pattern's.
         test_fraction: share of each class held out for testing.
+        validation_fraction: 0 (default): the test set is the held-out test split. > 0: a
+            tuning run: this share of each class's training images is held out and serves as
+            the test set instead (the test split is neither trained on nor evaluated).
         seed: generator seed; the same seed always gives the same images and split.
     """
     max_shift = image_size // 2 if max_shift is None else max_shift
@@ -149,4 +168,5 @@ def synthetic(
     return _in_memory_source(
         "synthetic", images, labels, names,
         test_fraction=test_fraction, split_seed=seed, shift=0,
+        validation_fraction=validation_fraction,
     )
