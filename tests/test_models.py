@@ -166,6 +166,43 @@ def test_vit_loads_pretrained_weights_from_a_local_file(shape, suffix, head, tmp
     assert not torch.equal(fresh["pos_embed"], expected["pos_embed"])
 
 
+@pytest.mark.parametrize("target", ["vit", "l2p_vit", "dualprompt_vit", "coda_prompt_vit"])
+@pytest.mark.parametrize("layout", ["state_dict", "checkpoint"])
+def test_a_clsim_models_file_pretrains_the_vit_and_the_prompt_models(target, layout, tmp_path, no_network):
+    """A clsim run's model (backbone.*, a grown head.*) is a pretrained file for any ViT model."""
+    torch.manual_seed(1)
+    source = vit((3, 8, 8), **TINY["vit"])
+    source.grow(5)
+    state = source.state_dict()
+    path = tmp_path / "last.pt"
+    torch.save(state if layout == "state_dict" else {"run": {}, "model": state}, path)
+    torch.manual_seed(2)
+    model = MODELS.get(target)((3, 8, 8), **TINY["vit"], pretrained=str(path))
+    vit_part = model.backbone.vit if target != "vit" else model.backbone
+    loaded = vit_part.state_dict()
+    expected = {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
+    assert set(loaded) == set(expected) and model.pretrained
+    assert all(torch.equal(loaded[k], v) for k, v in expected.items())
+    # and the prompted model's file works the same way (its backbone.vit.* weights)
+    if target != "vit":
+        again = tmp_path / "prompted.pt"
+        torch.save(model.state_dict(), again)
+        reloaded = MODELS.get(target)((3, 8, 8), **TINY["vit"], pretrained=str(again)).backbone.vit.state_dict()
+        assert all(torch.equal(reloaded[k], v) for k, v in expected.items())
+
+
+def test_a_file_that_leaves_weights_unset_is_a_config_error(tmp_path, no_network):
+    """timm loads non-strictly once it drops a head: clsim refuses what would stay random."""
+    saved = vit((3, 8, 8), **TINY["vit"]).backbone.state_dict()
+    partial, renamed = tmp_path / "partial.pth", tmp_path / "renamed.pth"
+    torch.save({k: v for k, v in saved.items() if not k.startswith("blocks.0.mlp")}, partial)
+    torch.save({f"encoder.{k}": v for k, v in saved.items()}, renamed)
+    for path, named in ((partial, "blocks.0.mlp"), (renamed, "encoder.")):
+        with pytest.raises(ConfigError) as info:
+            vit((3, 8, 8), **TINY["vit"], pretrained=str(path))
+        assert info.value.path == "model.pretrained" and path.name in str(info.value) and named in str(info.value)
+
+
 @pytest.mark.parametrize("factory, kwargs", [
     (vit, TINY["vit"]), (resnet, {}), (timm_model, TINY["timm"]),
 ])

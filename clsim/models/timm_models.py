@@ -3,13 +3,18 @@
 Weights: ``pretrained: false`` (default), ``pretrained: true`` (timm's hub weights, online
 only) or ``pretrained: path/to/weights.{pth,safetensors}`` (a local file, offline). A local
 file is read by clsim weights-only (:func:`clsim.engine.checkpoint.load_file`, never pickle) and
-handed to timm as a state dict, which timm then adapts (pos-embed resize, head dropped).
+handed to timm as a state dict, which timm then adapts (pos-embed resize, head dropped). The
+file may also be a clsim run's model (``checkpoints/last.pt``, or its state dict): its backbone
+is taken and its growing head dropped. A file that leaves any backbone weight unset is refused
+(timm itself only warns and keeps the random weights).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any, Literal
+
+import sys
 
 import timm
 import torch
@@ -27,14 +32,15 @@ def create_backbone(arch: str, pretrained: bool | str, **kwargs: Any) -> nn.Modu
         hint = did_you_mean(arch, timm.list_models())
         raise ConfigError("model.arch", f"unknown timm architecture '{arch}'{hint}; see timm.list_models()")
     options: dict[str, Any] = {"num_classes": 0, **kwargs}
+    state = None
     if isinstance(pretrained, str):
         path = Path(pretrained).expanduser()
         if not path.is_file():
             raise ConfigError("model.pretrained", f"weights file '{path.resolve()}' not found")
         # timm's own file loading is only as safe as the installed timm; clsim reads the file
         # itself, weights-only, and passes timm the tensors (its highest-priority source).
-        options |= {"pretrained": True, "pretrained_cfg_overlay": {"file": str(path),
-                                                                   "state_dict": pretrained_state(path)}}
+        state = pretrained_state(path)
+        options |= {"pretrained": True, "pretrained_cfg_overlay": {"file": str(path), "state_dict": dict(state)}}
     else:
         options["pretrained"] = pretrained
     try:
@@ -50,7 +56,26 @@ def create_backbone(arch: str, pretrained: bool | str, **kwargs: Any) -> nn.Modu
                                                   f"options: {str(exc).strip().splitlines()[-1].strip()}") from None
         raise
     backbone.pretrained_cfg.pop("state_dict", None)  # timm keeps its cfg on the model: free the copy
+    if state is not None:
+        check_covers(backbone, state, pretrained, arch)
     return backbone
+
+
+def check_covers(backbone: nn.Module, state: dict[str, torch.Tensor], path: str, arch: str) -> None:
+    """Every weight of ``backbone`` came from ``state``: timm loads non-strictly when it drops a
+    head, so a file with other names (a prefix, another model) would leave random weights."""
+    # timm's own key conversion for this architecture (old layouts, pos-embed resize), if it has one
+    convert = getattr(sys.modules.get(type(backbone).__module__), "checkpoint_filter_fn", None)
+    try:
+        names = set(convert(dict(state), backbone)) if convert else set(state)
+    except (KeyError, RuntimeError, TypeError, ValueError):  # it cannot read this file: names as they are
+        names = set(state)
+    expected = list(backbone.state_dict())
+    missing = [k for k in expected if k not in names]
+    if missing:
+        raise ConfigError("model.pretrained", f"{path} does not fit timm '{arch}': {len(missing)} of its "
+                                              f"{len(expected)} weights are not in the file (e.g. '{missing[0]}'; "
+                                              f"the file has e.g. '{next(iter(state), '')}')")
 
 
 def pretrained_state(path: Path) -> dict[str, Any]:
@@ -69,7 +94,12 @@ def pretrained_state(path: Path) -> dict[str, Any]:
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ConfigError("model.pretrained", f"{path} holds no state dict of tensors "
                                               f"(save one with torch.save(model.state_dict(), FILE))")
-    return {k.removeprefix("module."): v for k, v in state.items()}
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    # a clsim model: IncrementalClassifier (backbone.*, head.*) or a prompted ViT (backbone.vit.*)
+    for prefix in ("backbone.vit.", "backbone."):
+        if any(k.startswith(prefix) for k in state):
+            return {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
+    return state
 
 
 def _default_patch(image_size: int) -> int:
