@@ -169,6 +169,28 @@ def test_smoke_shrinks_epochs_and_data():
     assert config.scenario.kwargs["max_train_per_class"] == 16
 
 
+@pytest.mark.parametrize("where", ["config_dir", "parent", "cwd", "nowhere"])
+def test_a_relative_pretrained_file_is_found_next_to_the_config(where, tmp_path, monkeypatch):
+    """scenarios/x.yaml naming weights/w.safetensors runs from any working directory."""
+    (tmp_path / "repo" / "scenarios").mkdir(parents=True)
+    (tmp_path / "elsewhere").mkdir()
+    home = {"config_dir": "repo/scenarios", "parent": "repo", "cwd": "elsewhere", "nowhere": "void"}[where]
+    if where != "nowhere":
+        (tmp_path / home / "weights").mkdir(parents=True)
+        (tmp_path / home / "weights" / "w.safetensors").write_bytes(b"")
+    path = tmp_path / "repo" / "scenarios" / "x.yaml"
+    raw = base()
+    raw["model"] = {"name": "vit", "pretrained": "weights/w.safetensors"}
+    path.write_text(__import__("yaml").safe_dump(raw))
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    config = load_config(path)
+    expected = {"config_dir": str(tmp_path / home / "weights" / "w.safetensors"),
+                "parent": str(tmp_path / home / "weights" / "w.safetensors"),
+                "cwd": "weights/w.safetensors", "nowhere": "weights/w.safetensors"}[where]
+    assert config.model.kwargs["pretrained"] == expected  # nowhere: the factory says it is not found
+    assert parse_config(config.to_dict()) == config
+
+
 @pytest.mark.parametrize("path", sorted((ROOT / "scenarios").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_scenario_validates(path):
     config = load_config(path)

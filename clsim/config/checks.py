@@ -77,6 +77,7 @@ def parse_config(raw: dict[str, Any], *, base_dir: Path | None = None) -> Experi
     _require("seed", seed >= 0, "an int >= 0", seed)
     sections = {k: parse_section(k, raw[k], reg, base_dir) for k, reg in SECTIONS.items() if k != "data"}
     sections["data"] = _parse_data(raw, sections["scenario"], base_dir)
+    sections["model"] = _resolve_pretrained(sections["model"], base_dir)
     fixed = {k: parse_dataclass(k, raw.get(k) or {}, cls) for k, cls in FIXED.items()}
     teacher = parse_teacher(raw["teacher"], fixed["train"], base_dir) if raw.get("teacher") else None
     config = ExperimentConfig(name=name, seed=seed, **sections, **fixed, teacher=teacher,
@@ -89,6 +90,19 @@ def parse_config(raw: dict[str, Any], *, base_dir: Path | None = None) -> Experi
     _check_teacher(config, strategy)
     _check_federated(config, strategy)
     return config
+
+
+def _resolve_pretrained(model: Section, base_dir: Path | None) -> Section:
+    """A relative ``model.pretrained`` file is looked up as a fleet profile is: in the working
+    directory, then next to the config and one folder up (``scenarios/x.yaml`` -> ``weights/``).
+    Found away from the working directory, it is kept as an absolute path, so the run folder's
+    config.yaml reruns from anywhere."""
+    file = model.kwargs.get("pretrained")
+    if not isinstance(file, str) or base_dir is None or Path(file).expanduser().is_absolute() \
+            or (Path.cwd() / file).is_file():
+        return model
+    found = next((root / file for root in (base_dir, base_dir.parent) if (root / file).is_file()), None)
+    return dataclasses.replace(model, kwargs=model.kwargs | {"pretrained": str(found)}) if found else model
 
 
 def _parse_federated(raw: Any, base_dir: Path | None, model: Section) -> Any:

@@ -6,7 +6,8 @@ file is read by clsim weights-only (:func:`clsim.engine.checkpoint.load_file`, n
 handed to timm as a state dict, which timm then adapts (pos-embed resize, head dropped). The
 file may also be a clsim run's model (``checkpoints/last.pt``, or its state dict): its backbone
 is taken and its growing head dropped. A file that leaves any backbone weight unset is refused
-(timm itself only warns and keeps the random weights).
+(timm itself only warns and keeps the random weights). A relative path is looked up in the
+working directory, next to the config, then one folder up (:mod:`clsim.config.checks`).
 """
 
 from __future__ import annotations
