@@ -28,14 +28,16 @@ class ServerStrategy:
 
     Capabilities (class attributes; the config checks read them from the unbuilt class):
         sub_models: sends width-scaled sub-models (the model must be one clsim can scale).
-        uses_public_data: learns on a public set the server holds out (``federated.public_fraction``).
+        uses_public_data: learns on a public set the server holds out (``federated.public_fraction``);
+            an instance may turn it on from an option (``finetune``), so the config reads it from
+            the built strategy.
         server_work: works on the server beyond averaging (gets :meth:`bind`; ``server_s`` is recorded).
         bn_stats: after each aggregation the round's participants compute the new global model's
             batch-norm statistics (:meth:`configure_bn_stats` / :meth:`aggregate_bn_stats`).
     """
 
     sub_models: ClassVar[bool] = False
-    uses_public_data: ClassVar[bool] = False
+    uses_public_data: bool = False
     server_work: ClassVar[bool] = False
     bn_stats: bool = False  # static BN (HeteroFL's sBN): after aggregation, clients compute the BN statistics
 

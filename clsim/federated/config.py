@@ -200,7 +200,7 @@ def check_with_model(federated: FederatedConfig, model: Any) -> None:
 
 def _public_fraction(value: float | None, server: Any) -> float:
     """The resolved ``public_fraction``: 0.05 by default for strategies that learn on the server."""
-    learns = server.factory.uses_public_data
+    learns = server.build().uses_public_data  # built: an option (e.g. ``finetune``) may turn it on
     if value is None:
         return 0.05 if learns else 0.0
     if learns and value == 0:
