@@ -20,9 +20,11 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from clsim.errors import ConfigError
+from clsim.federated import public_learning as pl
 from clsim.federated.base import ServerStrategy
 from clsim.federated.submodels import aggregate_windows, build_submodel, fold_bn_statistics, slice_state
 from clsim.registry import SERVER_STRATEGIES
@@ -103,22 +105,45 @@ class SubModelStrategy(ServerStrategy):
             (:meth:`configure_bn_stats` / :meth:`aggregate_bn_stats`).
         mask_absent: clients zero the training logits of the classes they hold no data for.
         label_aggregation: the head row of class c is averaged over the clients holding c only.
+        finetune: epochs of server fine-tuning of the global model on the public set at the
+            start of every round, before any sub-model is cut (FedConv's code:
+            ``server_local_training``, 10 epochs, Adam 1e-4, in ``configure_fit``). 0: none.
+            Any value > 0 makes the strategy hold a public set (``federated.public_fraction``).
+        finetune_lr: Adam learning rate of that fine-tuning.
+        batch_size: public-set examples per batch of every server learning phase.
+        val_fraction: share of each class of the public set held out of all server learning;
+            every phase keeps its epoch with the lowest loss on it (0: no selection, the last epoch).
+        patience: stop a phase after this many epochs without a better validation loss (null: never).
     """
 
     sub_models = True  # the config refuses models :mod:`clsim.federated.submodels` cannot scale
     server_work = True  # slices and folds on the server (and needs model templates: bind)
 
     def __init__(self, *, weighting: Literal["examples", "uniform"] = "examples", scaler: bool = False,
-                 static_bn: bool = False, mask_absent: bool = False, label_aggregation: bool = False):
+                 static_bn: bool = False, mask_absent: bool = False, label_aggregation: bool = False,
+                 finetune: int = 0, finetune_lr: float = 1e-4, batch_size: int = 64, val_fraction: float = 0.2,
+                 patience: int | None = None):
         if weighting not in ("examples", "uniform"):
             raise ConfigError("federated.server.weighting", f"expected 'examples' or 'uniform', got {weighting!r}")
         for key, value in (("scaler", scaler), ("static_bn", static_bn), ("mask_absent", mask_absent),
                            ("label_aggregation", label_aggregation)):
             if not isinstance(value, bool):
                 raise ConfigError(f"federated.server.{key}", f"expected true or false, got {value!r}")
+        pl.check_int("finetune", finetune, 0)
+        pl.check_rate("finetune_lr", finetune_lr)
+        pl.check_int("batch_size", batch_size, 1)
+        pl.check_int("patience", patience, 1, none=True)
+        if isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float)) or not 0 <= val_fraction < 1:
+            raise ConfigError("federated.server.val_fraction", f"expected a number in [0, 1), got {val_fraction!r}")
         self.weighting = weighting
         self.scaler, self.static_bn, self.mask_absent = scaler, static_bn, mask_absent
         self.label_aggregation = label_aggregation
+        self.finetune, self.finetune_lr, self.batch_size = finetune, float(finetune_lr), batch_size
+        self.val_fraction, self.patience = float(val_fraction), patience
+        if finetune:  # the config reads this from the built strategy to hold a public set
+            self.uses_public_data = True
+        self.phases: dict[str, pl.Phase] = {}  # per learning phase of the last round: what it did
+        self._split: tuple[Any, tuple[pl.Batch, pl.Batch | None]] = (None, ((torch.zeros(0), torch.zeros(0)), None))
         self.ctx: ServerContext | None = None
         self._sent: dict[int, tuple[int, float]] = {}
         self._global: dict[str, torch.Tensor] = {}
@@ -152,6 +177,45 @@ class SubModelStrategy(ServerStrategy):
         labels = [u.labels for u in updates] if self.label_aggregation else None
         return aggregate_windows(state, [(u.state, self._weight(u), offset) for u in updates], labels)
 
+    # ------------------------------------------------------------------ the public set
+    def public_parts(self) -> tuple[pl.Batch, pl.Batch | None]:
+        """``(train, validation)`` parts of the public set of the current experience (validation
+        None when ``val_fraction`` is 0); the split is a pure function of the seed and the labels."""
+        x, y = self.ctx.public(self._experience)
+        key = (self._experience, len(y))
+        if self._split[0] != key:
+            if self.val_fraction == 0:
+                parts = ((x, y), None)
+            else:
+                train, val = pl.split_public(y, self.val_fraction, self.ctx.seed)
+                parts = ((x[train], y[train]), (x[val], y[val]) if len(val) else None)
+            self._split = (key, parts)
+        return self._split[1]
+
+    def learn_on_public(self, name: str, groups: list[dict], loss: Any, val_state: Any, model: nn.Module, *,
+                        epochs: int | None, steps: int | None = None, seed: list[int]) -> pl.Phase:
+        """One learning phase of ``groups`` on the public training part, selected on its validation
+        part through ``val_state()`` (the weights the phase produces), recorded in :attr:`phases`."""
+        train, val = self.public_parts()
+        val_fn = pl.validation_loss(model, val_state, val) if val is not None else None
+        phase = pl.learn(groups, loss, val_fn, train, epochs=epochs, steps=steps, batch_size=self.batch_size,
+                         seed=[self.ctx.seed, *seed], patience=self.patience)
+        self.phases[name] = phase
+        return phase
+
+    def finetune_global(self, server_round: int, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The global model after ``finetune`` epochs of Adam on the public set (FedConv's
+        ``server_local_training``), kept at its best validation epoch. BatchNorm buffers are
+        left as they are: measured statistics, not learnt (sBN recomputes them after aggregation)."""
+        model = self.ctx.template(self.global_ratio, num_classes_of(state))
+        names = {name for name, _ in model.named_parameters()}
+        params = {k: v.detach().clone().requires_grad_(True) for k, v in state.items() if k in names}
+        buffers = {k: v for k, v in state.items() if k not in names}
+        loss = lambda x, y: F.cross_entropy(pl.forward(model, params | buffers, x), y)  # noqa: E731
+        self.learn_on_public("finetune", [{"params": list(params.values()), "lr": self.finetune_lr}], loss,
+                             lambda: params | buffers, model, epochs=self.finetune, seed=[server_round, 0])
+        return {k: (params[k].detach() if k in params else v) for k, v in state.items()}
+
     def _weight(self, update: Update) -> float:
         return float(update.num_examples) if self.weighting == "examples" else 1.0
 
@@ -179,7 +243,11 @@ class SubModelStrategy(ServerStrategy):
         from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 
         state = arrays.to_torch_state_dict()
-        self._global, self._experience, self._sent = state, int(config.get("experience", 0)), {}
+        self._experience, self._sent, self.phases = int(config.get("experience", 0)), {}, {}
+        if self.finetune:
+            with pl.server_threads():
+                state = self.finetune_global(server_round, state)
+        self._global = state
         payloads: dict[float, Any] = {}
         messages = []
         for node_id, info in grid.info.items():
@@ -265,12 +333,19 @@ class HeteroFL(SubModelStrategy):
         weighting: 'uniform' (the code: each client counts 1) or 'examples' (example-weighted:
             FedAvg when every client is full size and all other options are off).
         scaler, static_bn, mask_absent, label_aggregation: the code's pieces, each switchable.
+        finetune, finetune_lr, batch_size, val_fraction, patience: server fine-tuning of the
+            global model on the public set (not HeteroFL's: FedConv's, as a control that gives
+            HeteroFL the same public data; off by default), see :class:`SubModelStrategy`.
     """
 
     def __init__(self, *, weighting: Literal["examples", "uniform"] = "uniform", scaler: bool = True,
-                 static_bn: bool = True, mask_absent: bool = True, label_aggregation: bool = True):
+                 static_bn: bool = True, mask_absent: bool = True, label_aggregation: bool = True,
+                 finetune: int = 0, finetune_lr: float = 1e-4, batch_size: int = 64, val_fraction: float = 0.2,
+                 patience: int | None = None):
         super().__init__(weighting=weighting, scaler=scaler, static_bn=static_bn,
-                         mask_absent=mask_absent, label_aggregation=label_aggregation)
+                         mask_absent=mask_absent, label_aggregation=label_aggregation, finetune=finetune,
+                         finetune_lr=finetune_lr, batch_size=batch_size, val_fraction=val_fraction,
+                         patience=patience)
 
 
 @SERVER_STRATEGIES.register("fedrolex")
@@ -293,12 +368,17 @@ class FedRolex(SubModelStrategy):
     Args:
         weighting: 'uniform' (the code) or 'examples'.
         scaler, static_bn, mask_absent, label_aggregation: as ``heterofl``.
+        finetune, finetune_lr, batch_size, val_fraction, patience: as ``heterofl`` (the control).
     """
 
     def __init__(self, *, weighting: Literal["examples", "uniform"] = "uniform", scaler: bool = True,
-                 static_bn: bool = True, mask_absent: bool = True, label_aggregation: bool = True):
+                 static_bn: bool = True, mask_absent: bool = True, label_aggregation: bool = True,
+                 finetune: int = 0, finetune_lr: float = 1e-4, batch_size: int = 64, val_fraction: float = 0.2,
+                 patience: int | None = None):
         super().__init__(weighting=weighting, scaler=scaler, static_bn=static_bn,
-                         mask_absent=mask_absent, label_aggregation=label_aggregation)
+                         mask_absent=mask_absent, label_aggregation=label_aggregation, finetune=finetune,
+                         finetune_lr=finetune_lr, batch_size=batch_size, val_fraction=val_fraction,
+                         patience=patience)
 
     def offset(self, server_round: int) -> int:
         return server_round - 1
