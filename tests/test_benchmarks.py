@@ -65,3 +65,23 @@ def test_deit_lt_benchmark_quick_prints_every_row(tmp_path):
     assert set(result["rows"]) == {"vit_ce", "vit_drw", "teacher", "deit_lt_clean", "deit_lt"}
     assert "dist_tail_accuracy" in result["rows"]["deit_lt"]
     assert "| deit_lt |" in (tmp_path / "deit_lt.md").read_text()
+
+
+@pytest.mark.slow
+def test_gpu_throughput_smoke_prints_every_key():
+    result = run_benchmark("gpu_throughput.py", "--smoke")
+    assert result["benchmark"] == "gpu_throughput" and result["smoke"] is True
+    assert {"device", "device_name", "settings", "train", "eval", "engine_over_bare", "target_engine_over_bare",
+            "meets_target", "input_pipeline", "input_pipeline_is_bottleneck"} <= set(result)
+    train, evaluation, pipeline = result["train"], result["eval"], result["input_pipeline"]
+    assert set(train["images_per_s"]) == set(train["ms_per_step"]) == set(train["peak_memory_mib"]) == {
+        "bare", "engine", "engine_l2"}
+    assert set(evaluation["images_per_s"]) == set(evaluation["peak_memory_mib"]) == {"bare", "engine"}
+    assert all(v > 0 for v in [*train["images_per_s"].values(), *evaluation["images_per_s"].values()])
+    assert set(result["engine_over_bare"]) == set(result["meets_target"]) == {"train", "eval"}
+    # on CPU the bare loop did exactly the engine's work: same batches, same updates
+    assert train["identical_weights"] is True and evaluation["accuracy"]["bare"] == evaluation["accuracy"]["engine"]
+    assert result["settings"]["bf16_autocast"] is False  # CPU: autocast only on CUDA
+    assert {"images", "image_size", "workers", "first_batch_s", "images_per_s", "images_per_s_with_start",
+            "ms_per_image_one_process"} <= set(pipeline)
+    assert pipeline["images"] > 0 and pipeline["images_per_s"] > 0
