@@ -35,7 +35,7 @@ from clsim.engine.param_groups import check_globs
 from clsim.engine.progress import Progress
 from clsim.report.run_folder import write_results
 from clsim.scenarios.base import Experience, Scenario
-from clsim.seeds import AFTER_TASK, derive_seed
+from clsim.seeds import AFTER_TASK, derive_seed, seed_torch
 from clsim.strategies.base import Finetune, Strategy, Task
 from clsim.teacher import Teacher
 
@@ -58,7 +58,7 @@ def seed_everything(seed: int) -> None:
     """Seed Python, NumPy and torch; CPU results are then bit-identical run to run."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
+    seed_torch(seed)
     torch.use_deterministic_algorithms(True, warn_only=True)
 
 
@@ -89,7 +89,7 @@ class Learner:
                          f"strategy {config.strategy.name}")
         engine = Engine(config.train, seed=config.seed, progress=progress)
         if model is None:
-            torch.manual_seed(config.seed)
+            seed_torch(config.seed)
             model = config.model.build(scenario.input_shape)
         model = model.to(engine.device)
         check_globs(model, config.train)  # train.trainable / frozen / lr_scale name real parameters
@@ -118,7 +118,7 @@ class Learner:
         run's; a federated client's is unique per client and round), ``terms`` extra loss terms.
         """
         stream = experience.index if stream is None else stream
-        torch.manual_seed(derive_seed(self.engine.seed, stream))
+        seed_torch(derive_seed(self.engine.seed, stream))
         data = self.strategy.before_task(self.model, self.task(experience, past))
         if not len(data):
             return float("nan"), 0
@@ -134,7 +134,7 @@ class Learner:
         if not len(experience.train):
             return
         step = experience.index if step is None else step
-        torch.manual_seed(derive_seed(self.engine.seed, step, AFTER_TASK))
+        seed_torch(derive_seed(self.engine.seed, step, AFTER_TASK))
         engine = self.engine
 
         def batches():
@@ -161,7 +161,7 @@ def grow_model(model: nn.Module, scenario: Scenario, num_classes: int, *, seed: 
             break
         if seen > model.num_classes:
             if seed is not None:
-                torch.manual_seed(derive_seed(seed, index))
+                seed_torch(derive_seed(seed, index))
             model.grow(seen)
 
 

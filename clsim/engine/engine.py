@@ -23,7 +23,7 @@ from clsim.engine.param_groups import parameter_groups
 from clsim.engine.progress import Progress
 from clsim.engine.sam import SAM, frozen_batchnorm_stats
 from clsim.errors import ConfigError
-from clsim.seeds import FIT, derive_seed
+from clsim.seeds import FIT, derive_seed, seed_torch
 from clsim.strategies.base import Strategy, split_prediction
 
 LossTerm = Callable[[nn.Module], torch.Tensor]
@@ -98,7 +98,7 @@ class Engine:
         epoch's mean loss. ``terms`` are added to the strategy's loss at every step (FedProx's
         proximal term); ``experience`` names the seed stream of batches, dropout and augmentation."""
         epochs = epochs or self.train.epochs
-        torch.manual_seed(derive_seed(self.seed, experience, FIT))  # dropout, augmentation
+        seed_torch(derive_seed(self.seed, experience, FIT))  # dropout, augmentation
         optimizer = self._optimizer(model)
         steps_per_epoch = math.ceil(len(dataset) / self.train.batch_size)
         schedule = self._schedule(optimizer, steps_per_epoch * epochs)

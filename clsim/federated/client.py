@@ -38,6 +38,7 @@ from clsim.federated.submodels import bn_statistics, build_submodel, held_labels
 from clsim.federated.trust import RefusedCode, check
 from clsim.learner import Learner, grow_model
 from clsim.scenarios.base import Experience
+from clsim.seeds import seed_torch
 
 app = ClientApp()
 
@@ -103,7 +104,7 @@ def build_local(job: Job, global_state: dict[str, torch.Tensor]) -> Learner:
     """This client's :class:`~clsim.learner.Learner`: the global model (or the sub-model it was
     sent) and its strategy, restored from its newest earlier state."""
     config, scenario = job.rt.config, job.rt.scenario
-    torch.manual_seed(config.seed)
+    seed_torch(config.seed)
     # a sub-model strategy (HeteroFL, FedConv) sends this client's tier a width-scaled model
     model = build_submodel(config.model, scenario.input_shape, float(job.config.get("model-ratio", 1.0)),
                            scaler_rate=float(job.config.get("scaler-rate", 1.0)),
@@ -220,7 +221,7 @@ def bn_stats(msg: Message, context: Context) -> Message:
         engine = learner.engine
         stream = job.rt.stream_id(job.client, job.experience, job.round)
         with torch.random.fork_rng(devices=[]):  # augmentation draws: not the training stream's
-            torch.manual_seed(stream)
+            seed_torch(stream)
             sums, batches = bn_statistics(learner.model, engine.batches(
                 exp.train, batch_size=engine.train.batch_size, shuffle=True, seed=stream))
     metrics = MetricRecord({"batches": batches, "partition-id": job.client})

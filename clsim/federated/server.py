@@ -41,7 +41,7 @@ from clsim.federated.runtime import Runtime, config_text
 from clsim.federated.state import FedState, load_server, save_server
 from clsim.learner import Learner, finish, grow_model, record_row
 from clsim.report.run_folder import CHECKPOINT, CLIENT_STATE
-from clsim.seeds import CLIENT_SAMPLE, PUBLIC_READS, derive_seed
+from clsim.seeds import CLIENT_SAMPLE, PUBLIC_READS, derive_seed, seed_torch
 WARM_UP = 8  # simulation: nodes queried before round 1, so workers import and load data early
 
 
@@ -226,7 +226,7 @@ class Federation:
             grow=lambda model, n: grow_model(model, scenario, n), public=self._public, seed=self.config.seed))
         ratio = self.strategy.global_ratio
         if ratio < 1.0:
-            torch.manual_seed(self.config.seed)
+            seed_torch(self.config.seed)
             model = build_submodel(self.config.model, scenario.input_shape, ratio).to(self.learner.engine.device)
             self.learner.model = model
             self.learner.strategy.setup(model)
@@ -244,7 +244,7 @@ class Federation:
         if seen not in self._public_cache:
             parts = [unaugmented(self.rt.public(i)) for i in range(seen)]
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(derive_seed(self.config.seed, seen, PUBLIC_READS))
+                seed_torch(derive_seed(self.config.seed, seen, PUBLIC_READS))
                 batches = [b for part in parts if len(part)
                            for b in self.learner.engine.batches(part, batch_size=1024)]
             if not batches:
@@ -267,7 +267,7 @@ class Federation:
 
             # weights do not change FLOPs: built on a forked RNG, so the global stream is untouched
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(self.config.seed)
+                seed_torch(self.config.seed)
                 model = build_submodel(self.config.model, self.rt.scenario.input_shape, ratio)
                 grow_model(model, self.rt.scenario, self.learner.model.num_classes)
             self.flops[ratio] = training_flops(model, self.rt.scenario.input_shape)
