@@ -35,6 +35,8 @@ clsim's own ``imagenet_r`` loader and transforms (decode, random-resized crop to
 normalise) and the engine's ``batches`` (a ``DataLoader`` with ``train.num_workers`` workers,
 pinned memory on CUDA). ``images_per_s`` counts from the first batch on (``first_batch_s``, the
 workers' start, is reported apart: the engine starts them once per epoch).
+``ms_per_image_by_stage`` times decode and each transform in one process, and
+``workers_to_keep_up`` is how many such processes the engine's training rate would need.
 
 Targets: ``engine_over_bare.train`` and ``.eval`` >= 0.95; the input pipeline not the
 bottleneck (``input_pipeline_is_bottleneck``: its images/s below the engine's training
@@ -362,8 +364,9 @@ def write_jpeg_folder(root: Path, n: int, seed: int) -> None:
         Image.fromarray(pixels).save(path, quality=90)
 
 
-def measure_pipeline(setup: Setup, args: argparse.Namespace) -> dict[str, Any]:
-    """Images/s of clsim's ImageNet-R loader + transforms through the engine's ``batches``."""
+def measure_pipeline(setup: Setup, args: argparse.Namespace, train_images_per_s: float) -> dict[str, Any]:
+    """Images/s of clsim's ImageNet-R loader + transforms through the engine's ``batches``, and
+    the one-process cost of each stage (which part a fix would have to speed up)."""
     cfg = setup.config.train
     size = 32 if args.smoke else 224
     with tempfile.TemporaryDirectory(prefix="clsim_gpu_throughput_") as tmp:
@@ -371,9 +374,7 @@ def measure_pipeline(setup: Setup, args: argparse.Namespace) -> dict[str, Any]:
         source = imagenet_r(root=tmp, image_size=size, test_fraction=0.2, split_seed=args.seed,
                             augment=True, normalize="inception")
         data = source.train
-        started = time.perf_counter()
-        one = [data[i][0] for i in range(min(len(data), 32))]  # in-process: decode + transforms only
-        per_image_ms = 1000 * (time.perf_counter() - started) / len(one)
+        breakdown = stage_costs(data, min(len(data), 64))
         engine = setup.learner.engine
         started, first, count = time.perf_counter(), None, 0
         for x, _ in engine.batches(data, batch_size=cfg.batch_size, shuffle=True, seed=args.seed):
@@ -389,8 +390,29 @@ def measure_pipeline(setup: Setup, args: argparse.Namespace) -> dict[str, Any]:
         "first_batch_s": round(first - started, 3),
         "images_per_s": round(steady, 1) if steady else None,
         "images_per_s_with_start": round(count / (end - started), 1),
-        "ms_per_image_one_process": round(per_image_ms, 3),
+        "ms_per_image_one_process": round(sum(breakdown.values()), 3),
+        "ms_per_image_by_stage": breakdown,
+        # workers that would feed the engine's measured training rate at the one-process cost
+        "workers_to_keep_up": math.ceil(train_images_per_s * sum(breakdown.values()) / 1000),
     }
+
+
+def stage_costs(data: Any, n: int) -> dict[str, float]:
+    """Milliseconds per image of each stage of the data set's own pipeline, in one process:
+    the loader's decode (``default_loader``: PIL open + RGB), then each of its transforms."""
+    from torchvision.datasets.folder import default_loader
+
+    stages = list(getattr(data.transform, "transforms", [data.transform]))
+    totals = {"decode": 0.0, **{type(t).__name__: 0.0 for t in stages}}
+    for path, _ in data.samples[:n]:
+        start = time.perf_counter()
+        x = default_loader(path)
+        totals["decode"] += time.perf_counter() - start
+        for t in stages:
+            start = time.perf_counter()
+            x = t(x)
+            totals[type(t).__name__] += time.perf_counter() - start
+    return {k: round(1000 * v / n, 3) for k, v in totals.items()}
 
 
 # --------------------------------------------------------------------------- main
@@ -406,7 +428,7 @@ def main(argv: list[str] | None = None) -> int:
     train, trained = compare_train(setup, args.repeats)
     evaluation = compare_eval(setup, trained, args.repeats)
     log("input pipeline: writing and reading the JPEG folder")
-    pipeline = measure_pipeline(setup, args)
+    pipeline = measure_pipeline(setup, args, train["images_per_s"]["engine"])
     ratio = {"train": round(train["images_per_s"]["engine"] / train["images_per_s"]["bare"], 4),
              "eval": round(evaluation["images_per_s"]["engine"] / evaluation["images_per_s"]["bare"], 4)}
     bottleneck = pipeline["images_per_s"] is not None and pipeline["images_per_s"] < train["images_per_s"]["engine"]

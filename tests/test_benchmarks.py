@@ -83,5 +83,8 @@ def test_gpu_throughput_smoke_prints_every_key():
     assert train["identical_weights"] is True and evaluation["accuracy"]["bare"] == evaluation["accuracy"]["engine"]
     assert result["settings"]["bf16_autocast"] is False  # CPU: autocast only on CUDA
     assert {"images", "image_size", "workers", "first_batch_s", "images_per_s", "images_per_s_with_start",
-            "ms_per_image_one_process"} <= set(pipeline)
+            "ms_per_image_one_process", "ms_per_image_by_stage", "workers_to_keep_up"} <= set(pipeline)
     assert pipeline["images"] > 0 and pipeline["images_per_s"] > 0
+    # the stages are clsim's own ImageNet-R train transforms, after the decode
+    assert list(pipeline["ms_per_image_by_stage"]) == ["decode", "RandomResizedCrop", "RandomHorizontalFlip",
+                                                       "ToTensor", "Normalize"]
