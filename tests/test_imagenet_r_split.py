@@ -99,9 +99,9 @@ def test_a_relative_list_is_found_in_the_data_root(tree, lists, tmp_path_factory
 # --------------------------------------------------------------------------- bad split files
 
 
-def bad_train(tree: Path, text: str) -> Path:
+def bad_train(tree: Path, text: str | bytes) -> Path:
     path = tree / "bad_train.yaml"
-    path.write_text(text)
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
     return path
 
 
@@ -130,6 +130,7 @@ def test_a_bad_entry_names_the_file_and_line(tree, lists, text, line, words):
 
 @pytest.mark.parametrize("text, words", [
     ("", "an empty file"),
+    (b"\xff\xfe\x00data", "not a text file (UTF-8)"),
     ("- a/b.jpg\n", "no mapping"),
     ("images:\n- a/b.jpg\n", "unknown key 'images'"),
     ("targets:\n- 0\n", "no 'data' key"),

@@ -345,6 +345,8 @@ def _compose(path: Path, key: str) -> Any:
     loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml: ~10x faster on 24,000 lines
     try:
         return yaml.compose(path.read_bytes().decode("utf-8"), Loader=loader)
+    except OSError as exc:
+        raise ConfigError(key, f"{path}: cannot read it ({exc.strerror or exc})") from None
     except UnicodeDecodeError:
         raise ConfigError(key, f"{path}: not a text file (UTF-8); expected {SPLIT_FORMAT}") from None
     except yaml.YAMLError as exc:
