@@ -76,6 +76,25 @@ def test_the_lists_are_the_split_exactly(tree, lists):
     assert source.train[0][0].shape == (3, 8, 8)
 
 
+def test_sorted_class_order_makes_the_lists_labels_the_task_order(tree, lists):
+    """As the code at its seed 0: task t holds the classes the files label t (one class a task here)."""
+    from clsim.config import parse_config
+    from clsim.learner import build_scenario
+
+    config = parse_config({
+        "name": "order", "seed": 3,
+        "data": {"name": "imagenet_r", "root": str(tree), "image_size": 8,
+                 "train_list": str(lists[0]), "test_list": str(lists[1])},
+        "scenario": {"name": "class_incremental", "n_tasks": 3, "class_order": "sorted"},
+        "model": {"name": "mlp", "hidden": [4]}, "strategy": {"name": "finetune"},
+    })
+    scenario = build_scenario(config)
+    by_label = {y: w for w, y in LABELS.items()}
+    for t, exp in enumerate(scenario.experiences):
+        paths = [exp.train.base.samples[i][0] for i in exp.train.indices]
+        assert paths and {Path(p).parent.name for p in paths} == {by_label[t]}
+
+
 def test_the_seeded_split_stays_the_default_and_the_lists_ignore_its_seed(tree, lists):
     seeded = imagenet_r(root=str(tree), image_size=8)
     assert len(seeded.train) + len(seeded.test) == 12 and seeded.class_names == tuple(WNIDS)
