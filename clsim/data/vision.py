@@ -7,7 +7,8 @@ without decoding a single image.
 
 ImageNet-R, Tiny-ImageNet and image folders share one pipeline: list the files (sorted, so the
 split is reproducible), split them stratified per class when the data set has no test split of
-its own, and wrap the ``(path, label)`` lists in :class:`ImageListDataset` with ImageNet-style
+its own (ImageNet-R can read a published split's two lists instead: :func:`published_split`),
+and wrap the ``(path, label)`` lists in :class:`ImageListDataset` with ImageNet-style
 transforms. torchvision is imported lazily so that ``clsim list`` and ``clsim validate`` stay
 fast.
 """
@@ -378,7 +379,7 @@ def read_split_list(path: Path, key: str) -> list[Entry]:
     if not isinstance(root, yaml.MappingNode):
         raise ConfigError(key, f"{path}: expected {SPLIT_FORMAT}, got "
                                f"{'an empty file' if root is None else 'no mapping'}")
-    sections = {k.value: v for k, v in root.value}
+    sections = {k.value if isinstance(k, yaml.ScalarNode) else "(a non-scalar key)": v for k, v in root.value}
     unknown = sorted(set(sections) - {"data", "targets"})
     if "data" not in sections or unknown:
         what = f"unknown key '{unknown[0]}'" if unknown else "no 'data' key"
