@@ -72,8 +72,8 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 
+import clsim.federated.public_learning as pl
 from clsim.errors import ConfigError
-from clsim.federated import public_learning as pl
 from clsim.federated.submodels import aggregate_windows, coverage, slice_state
 from clsim.federated.substrategies import SubModelStrategy, Update, num_classes_of
 from clsim.registry import SERVER_STRATEGIES

@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import clsim.federated.public_learning as pl
 from clsim.errors import ConfigError
-from clsim.federated import public_learning as pl
 from clsim.federated.base import ServerStrategy
 from clsim.federated.submodels import aggregate_windows, build_submodel, fold_bn_statistics, slice_state
 from clsim.registry import SERVER_STRATEGIES
