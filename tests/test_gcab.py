@@ -331,13 +331,117 @@ def test_synthetic_gcab_scenario_runs_in_smoke_mode(tmp_path):
 def test_benchmark_tiny_mode_prints_rows_and_writes_the_report(tmp_path):
     report = tmp_path / "gcab.md"
     script = ROOT / "benchmarks" / "gcab_cfdc.py"
-    proc = subprocess.run([sys.executable, str(script), "--tiny", "--report", str(report)],
+    rows_json = tmp_path / "gcab.json"
+    proc = subprocess.run([sys.executable, str(script), "--tiny", "--report", str(report), "--json", str(rows_json)],
                           cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(proc.stdout)
-    assert set(result["rows"]) == {"finetune", "lwf", "ewc", "gcab", "gcab_cfdc"}
+    assert json.loads(rows_json.read_text()) == result  # the report's rows file is what was printed
+    assert set(result["rows"]) == {"finetune", "lwf", "ewc", "gcab", "gcab_cfdc_paper", "gcab_cfdc_residual"}
+    assert set(result["tuning"]) == {"lwf", "ewc", "gcab_cfdc_paper"}  # tuned on a validation split
     for row in result["rows"].values():
-        assert {"average_accuracy_mean", "average_accuracy_std", "forgetting_mean", "forgetting_std",
-                "task_aware_accuracy_mean", "accuracy_matrix_seed0"} <= set(row)
-        assert 0.0 <= row["task_aware_accuracy_mean"] <= 1.0
-    assert "gcab_cfdc" in report.read_text()
+        for key in ("average_incremental_accuracy", "last_accuracy", "forgetting", "plasticity"):
+            assert {"mean", "std", "per_seed"} <= set(row[key])
+            assert 0.0 <= row[key]["mean"] <= 1.0
+        assert len(row["plasticity_per_task_mean"]) == 5 and "accuracy_matrix_seed0" in row
+    text = report.read_text()
+    assert "| gcab_cfdc_paper |" in text and "The paper's direction" in text and "Every task learnt" in text
+
+
+# --------------------------------------------------------------------------- issue 13: every task learnt
+
+
+def test_gate_lr_scale_moves_the_embeddings_k_times_as_far_under_adam(scenario):
+    """Adam steps ~lr whatever the gradient's scale: e = k r moves k times as far as with k = 1.
+
+    Without the multiplier a short run leaves HAT's gates where N(0, 1) drew them (issue 13).
+    """
+    adam = TrainConfig(epochs=1, batch_size=8, lr=1e-3, optimizer="adam", eval_batch_size=64)
+    moved = {}
+    for k in (1.0, 50.0):
+        strategy = STRATEGIES.get("gcab_cfdc")()
+        torch.manual_seed(0)
+        model = gcab_vit(scenario.input_shape, **TINY_MODEL, gate_lr_scale=k)
+        strategy.setup(model)
+        learner = Learner(scenario, model, strategy, Engine(adam, seed=0))
+        learner.grow_to(2)
+        start = [e.detach().clone() for e in model.embeddings(0)]
+        assert start[0].std() == pytest.approx(1.0, rel=0.5)  # e ~ N(0, gate_init_std^2) for any k
+        learner.learn(scenario.experiences[0])
+        moved[k] = max(float((e.detach() - s).abs().max()) for e, s in zip(model.embeddings(0), start))
+    steps = 4  # 32 images / batch 8
+    assert moved[1.0] <= steps * 1e-3 * 1.05
+    assert moved[50.0] > 10 * moved[1.0]
+
+
+def test_gate_lr_scale_compensates_and_clamps_the_embedding_not_the_stored_parameter():
+    """HAT's factor and its clamp act on e = k r: grad_r = k x HAT-compensated grad_e, |e| <= thres_emb."""
+    k = 10.0
+    model = tiny_model(gate_lr_scale=k)
+    model.grow(2)
+    strategy = GatedClassAttention(clipgrad=1e12)  # no clipping: the factor alone
+    strategy.setup(model)
+    strategy._frozen = strategy.frozen_entries(model)  # what before_task sets
+    strategy.steps, strategy.step = 800, 1  # s = 1/800 + (800 - 1/800) / 800, about 1
+    s = strategy.gate_scale()
+    r = model.gate_attn[0]
+    e = (k * r).detach()
+    g_e = torch.randn_like(e)  # a gradient wrt e
+    r.grad = k * g_e.clone()
+    strategy.after_backward(model)
+    hat = g_e * 800 / s * (torch.cosh(torch.clamp(s * e, -50, 50)) + 1) / (torch.cosh(e) + 1)
+    torch.testing.assert_close(r.grad, k * hat)
+    with torch.no_grad():
+        r.fill_(1.0)  # e = 10 > thres_emb 6
+    strategy.after_step(model)
+    assert torch.allclose(model.embeddings(0)[0], torch.full_like(e, 6.0))
+
+
+def test_project_in_training_sends_the_loss_through_but_not_into_the_projector():
+    """Old tokens read P(f) in training as at test time; the BCE reaches the backbone through P,
+    and only the drift loss trains P (with the classification gradient P collapsed)."""
+    model = tiny_model()
+    model.grow(2)
+    model.grow(4)
+    x = torch.randn(3, 1, 8, 8)
+    for detach in (True, False):
+        model.zero_grad(set_to_none=True)
+        out = model.forward_train(x, 800.0, project=True, detach_projectors=detach)
+        out.logits[:, :2].sum().backward()  # the old task's logits only
+        projector_grads = [p.grad for p in model.projectors[0].parameters()]
+        backbone_grad = model.backbone.patch_embed.proj.weight.grad
+        assert backbone_grad is not None and backbone_grad.abs().sum() > 0
+        if detach:
+            assert all(g is None for g in projector_grads)
+        else:
+            assert any(g is not None and g.abs().sum() > 0 for g in projector_grads)
+    with torch.no_grad():  # the same logits either way, and as at inference for the old task
+        a = model.forward_train(x, 800.0, project=True, detach_projectors=True).logits
+        b = model.forward_train(x, 800.0, project=True).logits
+    assert torch.equal(a, b)
+
+
+def test_strategy_detaches_the_projector_unless_asked(scenario):
+    seen = []
+    strategy = STRATEGIES.get("gcab_cfdc")(project_in_training=True)
+    model = tiny_model(scenario.input_shape)
+    strategy.setup(model)
+    original = model.forward_train
+
+    def spy(x, s, *, project=False, detach_projectors=False):
+        seen.append((project, detach_projectors))
+        return original(x, s, project=project, detach_projectors=detach_projectors)
+
+    model.forward_train = spy
+    model.grow(2)
+    x, y = scenario.experiences[0].train.get_batch(torch.arange(4))
+    strategy.loss(model, x, y)
+    assert seen[-1] == (True, True)
+    strategy.classification_trains_projector = True
+    strategy.loss(model, x, y)
+    assert seen[-1] == (True, False)
+
+
+def test_bad_gate_lr_scale_is_a_config_error():
+    with pytest.raises(ConfigError, match="model.gate_lr_scale"):
+        tiny_model(gate_lr_scale=0.0)

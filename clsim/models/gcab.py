@@ -223,21 +223,27 @@ class GCABClassifier(nn.Module):
         num_heads: heads of the class-attention block.
         mlp_ratio: hidden / D of the class-attention block's MLP.
         gate_init_std: std of a new task's gate embeddings (HAT: 1).
+        projector: CFDC projector kind (see :func:`gcab_vit`).
+        gate_lr_scale: k, the gate embeddings' step-size multiplier: the parameters stored in
+            ``gate_attn`` / ``gate_mlp`` are ``r = e / k`` and the embeddings ``e = k r``, so a
+            step of size lr on ``r`` (Adam, AdamW) moves ``e`` by ``k lr`` (see :func:`gcab_vit`).
     """
 
     def __init__(self, backbone: nn.Module, *, embed_dim: int, num_heads: int, mlp_ratio: float,
-                 gate_init_std: float = 1.0, projector: str = "residual"):
+                 gate_init_std: float = 1.0, projector: str = "residual", gate_lr_scale: float = 1.0):
         super().__init__()
         if projector not in PROJECTORS:
             raise ConfigError("model.projector", f"expected one of {', '.join(PROJECTORS)}, got {projector!r}")
-        self.gate_init_std, self.projector = gate_init_std, projector
+        if gate_lr_scale <= 0:
+            raise ConfigError("model.gate_lr_scale", f"expected a number > 0, got {gate_lr_scale}")
+        self.gate_init_std, self.projector, self.gate_lr_scale = gate_init_std, projector, gate_lr_scale
         self.backbone = backbone
         self.block = GatedClassAttentionBlock(embed_dim, num_heads, mlp_ratio)
         self.block.apply(_init_vit_weights)
         self.feature_dim = embed_dim
         self.task_tokens = nn.ParameterList()  # task c: (1, 1, D)
-        self.gate_attn = nn.ParameterList()  # task c: e_c over the D channels, (D,)
-        self.gate_mlp = nn.ParameterList()  # task c: e_c over the MLP hidden units, (hidden,)
+        self.gate_attn = nn.ParameterList()  # task c: r_c = e_c / k over the D channels, (D,)
+        self.gate_mlp = nn.ParameterList()  # task c: r_c = e_c / k over the MLP hidden units, (hidden,)
         self.projectors = nn.ModuleList()  # projectors[c]: task c+1's features -> task c's
         self.task_sizes: list[int] = []
         with warnings.catch_warnings():  # an empty head (no class yet) is expected here
@@ -268,7 +274,7 @@ class GCABClassifier(nn.Module):
         self.task_tokens.append(nn.Parameter(trunc_normal_(token, std=0.02)))
         # HAT initialises the gate embeddings from N(0, 1) (Serra et al. 2018); a smaller
         # std leaves the gates undecided, so short runs can still close unneeded units
-        std = self.gate_init_std
+        std = self.gate_init_std / self.gate_lr_scale  # of r = e / k, so that e ~ N(0, gate_init_std^2)
         self.gate_attn.append(nn.Parameter(std * torch.randn(dim, device=ref.device, dtype=ref.dtype)))
         self.gate_mlp.append(nn.Parameter(std * torch.randn(hidden, device=ref.device, dtype=ref.dtype)))
         self.task_sizes.append(num_classes - self.num_classes)
@@ -282,12 +288,17 @@ class GCABClassifier(nn.Module):
 
     # ------------------------------------------------------------------ gates
 
+    def embeddings(self, task: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Task ``task``'s gate embeddings ``(e_attn (D,), e_mlp (hidden,))``, ``e = k r``."""
+        k = self.gate_lr_scale
+        return k * self.gate_attn[task], k * self.gate_mlp[task]
+
     def gates(self, task: int, s: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Task ``task``'s ``(g_attn (D,), g_mlp (hidden,))``: ``sigmoid(s e)``, or hard ``e > 0`` if s is None.
 
         The hard gate is HAT's binarised mask, ``sigmoid(s_max e) > 0.5``, independent of s_max.
         """
-        e_attn, e_mlp = self.gate_attn[task], self.gate_mlp[task]
+        e_attn, e_mlp = self.embeddings(task)
         if s is None:
             return (e_attn > 0).to(e_attn.dtype), (e_mlp > 0).to(e_mlp.dtype)
         return torch.sigmoid(s * e_attn), torch.sigmoid(s * e_mlp)
@@ -317,32 +328,44 @@ class GCABClassifier(nn.Module):
         rows = self.head_rows(task)
         return F.linear(z, self.head.weight[rows], self.head.bias[rows])
 
-    def logits_from_patches(self, patches: torch.Tensor, *, s: float | None, project: bool) -> torch.Tensor:
+    def logits_from_patches(self, patches: torch.Tensor, *, s: float | None, project: bool,
+                            detach_projectors: bool = False) -> torch.Tensor:
         """Concatenated logits of every task, ``(B, classes seen)``, from patch tokens ``(B, N, D)``.
 
         The newest task's gate is ``sigmoid(s e)`` (hard if ``s`` is None), earlier ones hard.
         With ``project``, task c reads ``P_{c+1}(...P_T(patches))`` (CFDC at inference):
         walking from the newest task down, each step applies one more projector.
+        ``detach_projectors``: the chain uses the projectors' weights as constants, so a loss on
+        these logits reaches the backbone through the projectors but never trains them.
         """
         if self.num_tasks == 0:
             raise RuntimeError("the model has no task yet: call grow(num_classes) first")
         last, logits, feats = self.num_tasks - 1, [], patches
         for task in range(last, -1, -1):
             if project and task < last:
-                feats = self.projectors[task](feats)  # task+1's feature space -> task's
+                feats = self.project(task, feats, detach_projectors)  # task+1's feature space -> task's
             logits.append(self.task_logits(task, feats, self.gates(task, s if task == last else None)))
         return torch.cat(logits[::-1], dim=1)
 
-    def forward_train(self, x: torch.Tensor, s: float, *, project: bool = False) -> GCABOutput:
+    def project(self, index: int, feats: torch.Tensor, detach: bool) -> torch.Tensor:
+        """``projectors[index](feats)``, with its weights as constants if ``detach``."""
+        projector = self.projectors[index]
+        if not detach:
+            return projector(feats)
+        constants = {name: p.detach() for name, p in projector.named_parameters()}
+        return torch.func.functional_call(projector, constants, (feats,))
+
+    def forward_train(self, x: torch.Tensor, s: float, *, project: bool = False,
+                      detach_projectors: bool = False) -> GCABOutput:
         """Training forward at gate scale ``s``.
 
         Without ``project`` (the paper's training), earlier tasks' tokens read the current
         features directly and the projectors learn only from the drift-compensation loss; with
         it, they read the projector chain as at inference, so the classification loss on new
-        data also shapes the newest projector.
+        data also shapes the newest projector (or, with ``detach_projectors``, only the backbone).
         """
         patches = self.backbone(x)  # (B, N, D)
-        logits = self.logits_from_patches(patches, s=s, project=project)
+        logits = self.logits_from_patches(patches, s=s, project=project, detach_projectors=detach_projectors)
         return GCABOutput(logits, self.gates(self.num_tasks - 1, s), patches)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -377,6 +400,7 @@ def gcab_vit(
     locality_strength: float = 1.0,
     gate_init_std: float = 1.0,
     projector: Literal["residual", "paper"] = "residual",
+    gate_lr_scale: float = 1.0,
 ) -> GCABClassifier:
     """ViT with one gated class-attention block, a token and head per task (GCAB, Cotogni et al.).
 
@@ -397,6 +421,13 @@ def gcab_vit(
         projector: CFDC projector kind: 'residual' (zero-initialised residual MLP, the identity
             until trained; clsim's) or 'paper' (the paper's and public code's: conv-norm-ReLU-conv,
             no residual, default init; see :class:`PaperDriftProjector`).
+        gate_lr_scale: k, how much faster than the other weights the gate embeddings move
+            (1: the paper's). The stored parameters are ``r = e / k``; with Adam / AdamW a step
+            moves ``r`` by about lr whatever the gradient's scale, so ``e`` moves by ``k lr``.
+            HAT's gates start at ``e ~ N(0, 1)`` and must travel O(1) to open or close: the
+            paper's 500 epochs a task (~20,000 AdamW steps at lr 1.25e-4) allow that, a CPU
+            stream's few hundred steps do not, and its gates stay where they were drawn (about
+            half open: earlier tasks then freeze most of the block; see docs/gcab.md).
     """
     channels, height, width = input_shape
     patch = patch_size or _default_patch(min(height, width))
@@ -407,7 +438,7 @@ def gcab_vit(
     if gate_init_std <= 0:
         raise ConfigError("model.gate_init_std", f"expected a number > 0, got {gate_init_std}")
     return GCABClassifier(backbone, embed_dim=embed_dim, num_heads=num_heads, mlp_ratio=mlp_ratio,
-                          gate_init_std=gate_init_std, projector=projector)
+                          gate_init_std=gate_init_std, projector=projector, gate_lr_scale=gate_lr_scale)
 
 
 def _check_sizes(height: int, width: int, patch: int, embed_dim: int, depth: int, num_heads: int,

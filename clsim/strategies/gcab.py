@@ -59,8 +59,13 @@ class GatedClassAttention(Strategy):
         drift_compensation: train CFDC projectors and use them at inference.
         projector_weight: weight of the projector loss (paper's code ``lambda_pfr``: 0.001).
         freeze_backbone: freeze the whole backbone after the first task (an extra ablation).
-        project_in_training: earlier tasks' tokens read the projector chain in training too
-            (the paper's code does not; see docs/gcab.md).
+        project_in_training: earlier tasks' tokens read the projector chain in training too,
+            as at inference (the paper's code does not; see docs/gcab.md), so the BCE negatives
+            of old heads on new data act where old heads read at test time.
+        classification_trains_projector: with ``project_in_training``, the classification
+            loss also updates the newest projector (false: only the drift loss trains it, the
+            classification gradient passes through it to the backbone; true collapsed the
+            projector onto "reject" features on digits).
         bce: binary cross-entropy on one-hot targets over all seen classes (the default, as the
             public code's ``bce_loss``, which its GCAB options set); false: softmax cross-entropy.
     """
@@ -70,7 +75,8 @@ class GatedClassAttention(Strategy):
     def __init__(self, *, s_max: float = S_MAX, lambda_: float = 0.05, thres_cosh: float = 50.0,
                  thres_emb: float = 6.0, clipgrad: float = 10000.0, drift_compensation: bool = True,
                  projector_weight: float = 0.001, freeze_backbone: bool = False,
-                 project_in_training: bool = False, bce: bool = True):
+                 project_in_training: bool = False, classification_trains_projector: bool = False,
+                 bce: bool = True):
         checks = [("s_max", s_max, s_max > 1, "a number > 1"), ("lambda", lambda_, lambda_ >= 0, "a number >= 0"),
                   ("thres_cosh", thres_cosh, thres_cosh > 0, "a number > 0"),
                   ("thres_emb", thres_emb, thres_emb > 0, "a number > 0"),
@@ -83,6 +89,7 @@ class GatedClassAttention(Strategy):
         self.clipgrad, self.drift_compensation = clipgrad, drift_compensation
         self.projector_weight, self.freeze_backbone = projector_weight, freeze_backbone
         self.project_in_training = project_in_training and drift_compensation
+        self.classification_trains_projector = classification_trains_projector
         self.bce = bce
         self.old_backbone: nn.Module | None = None  # f_{t-1}: the backbone after the previous task
         self.step, self.steps = 0, 0  # batch index within the epoch, batches per epoch (for s)
@@ -115,7 +122,8 @@ class GatedClassAttention(Strategy):
 
     def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, extra: Any = None) -> torch.Tensor:
         """Classification (CE or BCE) over all seen classes + gate sparsity + (CFDC) projector loss."""
-        output = model.forward_train(x, self.gate_scale(), project=self.project_in_training)
+        output = model.forward_train(x, self.gate_scale(), project=self.project_in_training,
+                                     detach_projectors=not self.classification_trains_projector)
         loss = self.classification(output.logits, y) + self.sparsity(model, output.gates)
         if self.drift_compensation and self.old_backbone is not None and self.projector_weight > 0:
             loss = loss + self.projector_weight * self.drift_loss(model, x, output.patches)
@@ -152,19 +160,22 @@ class GatedClassAttention(Strategy):
         for name, (frozen, _) in self._frozen.items():
             if params[name].grad is not None:
                 params[name].grad.masked_fill_(frozen, 0)
-        s = self.gate_scale()
-        for e in self.current_embeddings(model):
-            if e.grad is not None:
+        s, k = self.gate_scale(), model.gate_lr_scale
+        for r in self.current_embeddings(model):
+            if r.grad is not None:
                 # d sigmoid(s e)/de vanishes for large s; rescale so the embedding keeps learning
-                num = torch.cosh(torch.clamp(s * e.detach(), -self.thres_cosh, self.thres_cosh)) + 1
-                e.grad.mul_(self.s_max / s * num / (torch.cosh(e.detach()) + 1))
+                # (HAT's factor, on e = k r: the gradient wrt r is k times that wrt e)
+                e = k * r.detach()
+                num = torch.cosh(torch.clamp(s * e, -self.thres_cosh, self.thres_cosh)) + 1
+                r.grad.mul_(self.s_max / s * num / (torch.cosh(e) + 1))
         torch.nn.utils.clip_grad_norm_(model.parameters(), self.clipgrad)
 
     @torch.no_grad()
     def after_step(self, model: nn.Module) -> None:
         """Clamp the current embeddings, put frozen entries back exactly, count the batch."""
-        for e in self.current_embeddings(model):
-            e.clamp_(-self.thres_emb, self.thres_emb)
+        bound = self.thres_emb / model.gate_lr_scale  # |e| = k |r| <= thres_emb
+        for r in self.current_embeddings(model):
+            r.clamp_(-bound, bound)
         params = dict(model.named_parameters())
         for name, (frozen, kept) in self._frozen.items():
             params[name].copy_(torch.where(frozen, kept, params[name]))
@@ -184,6 +195,7 @@ class GatedClassAttention(Strategy):
 
     @staticmethod
     def current_embeddings(model: GCABClassifier) -> list[nn.Parameter]:
+        """The newest task's stored gate parameters ``r = e / k`` (attention, MLP)."""
         return [model.gate_attn[-1], model.gate_mlp[-1]]
 
     @torch.no_grad()
@@ -248,8 +260,10 @@ class GatedClassAttentionOnly(GatedClassAttention):
     def __init__(self, *, s_max: float = S_MAX, lambda_: float = 0.05, thres_cosh: float = 50.0,
                  thres_emb: float = 6.0, clipgrad: float = 10000.0, drift_compensation: bool = False,
                  projector_weight: float = 0.001, freeze_backbone: bool = False,
-                 project_in_training: bool = False, bce: bool = True):
+                 project_in_training: bool = False, classification_trains_projector: bool = False,
+                 bce: bool = True):
         super().__init__(s_max=s_max, lambda_=lambda_, thres_cosh=thres_cosh, thres_emb=thres_emb,
                          clipgrad=clipgrad, drift_compensation=drift_compensation,
                          projector_weight=projector_weight, freeze_backbone=freeze_backbone,
-                         project_in_training=project_in_training, bce=bce)
+                         project_in_training=project_in_training,
+                         classification_trains_projector=classification_trains_projector, bce=bce)
