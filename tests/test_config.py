@@ -211,3 +211,15 @@ def test_every_strategy_rejects_an_unknown_key_by_name(name):
     raw = base()
     raw["strategy"] = {"name": name, "zz_unknown": 1}
     assert "strategy.zz_unknown" in str(error_for(raw))
+
+
+def test_synthetic_pretrained_scenario_loads_its_committed_weights_from_anywhere(tmp_path, monkeypatch):
+    """The shipped CPU setting of the rehearsal-free benchmark validates and finds its weights file."""
+    monkeypatch.chdir(tmp_path)
+    config = load_config(ROOT / "scenarios" / "synthetic_pretrained.yaml")
+    assert Path(config.model.kwargs["pretrained"]) == ROOT / "weights" / "synthetic_vit16.safetensors"
+    assert config.strategy.name == "l2" and config.strategy.kwargs["params"] == "attention"
+    assert config.train.trainable == ["*.attn.qkv.*", "head.*"]
+    source = config.data.build()
+    model = config.model.build(source.input_shape)  # the file fits the model (else a ConfigError)
+    assert model.pretrained and model.backbone.pos_embed.shape == (1, 17, 64)
