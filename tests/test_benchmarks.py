@@ -60,11 +60,39 @@ def test_vs_avalanche_prints_times_and_accuracies():
 @pytest.mark.slow
 def test_deit_lt_benchmark_quick_prints_every_row(tmp_path):
     result = run_benchmark("deit_lt.py", "--quick", "--out", str(tmp_path / "runs"),
-                           "--report", str(tmp_path / "deit_lt.md"))
+                           "--report", str(tmp_path / "deit_lt.md"), "--json", str(tmp_path / "deit_lt.json"))
     assert result["benchmark"] == "deit_lt" and result["seeds"] == [0]
-    assert set(result["rows"]) == {"vit_ce", "vit_drw", "teacher", "deit_lt_clean", "deit_lt"}
+    assert set(result["rows"]) == {"vit_ce_plain", "vit_ce", "vit_drw", "vit_la", "teacher", "teacher_id",
+                                   "deit_lt", "deit_lt_no_drw", "deit_lt_id", "deit_lt_id_no_drw", "deit_lt_dhvt"}
     assert "dist_tail_accuracy" in result["rows"]["deit_lt"]
-    assert "| deit_lt |" in (tmp_path / "deit_lt.md").read_text()
+    assert {"clean", "augmented", "mixed"} <= {k.removeprefix("teacher_on_") for k in result["rows"]["teacher"]}
+    assert set(result["checks"]) == {"plain_vit_tail_fails", "deit_lt_tail_above_every_baseline",
+                                     "deit_lt_overall_above_every_baseline", "ood_teacher_above_in_distribution",
+                                     "drw_lifts_the_tail"}
+    assert "| deit_lt_dhvt |" in (tmp_path / "deit_lt.md").read_text()
+    assert json.loads((tmp_path / "deit_lt.json").read_text())["rows"] == result["rows"]
+
+
+@pytest.mark.slow
+def test_deit_lt_benchmark_refuses_a_used_out_folder(tmp_path):
+    (tmp_path / "old_run").mkdir()  # a cached run would otherwise be reused
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "deit_lt.py"), "--quick", "--out", str(tmp_path),
+                           "--report", "", "--json", ""], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "--out" in proc.stderr and proc.stdout == ""
+
+
+@pytest.mark.slow
+def test_dhvt_benchmark_quick_prints_every_row(tmp_path):
+    result = run_benchmark("dhvt.py", "--quick", "--out", str(tmp_path / "runs"),
+                           "--report", str(tmp_path / "dhvt.md"), "--json", str(tmp_path / "dhvt.json"))
+    assert result["benchmark"] == "dhvt" and result["seeds"] == [0]
+    assert set(result["rows"]) == set(result["parameters"]) == {"vit", "dhvt", "resnet"}
+    assert all(0.0 <= row["mean"] <= 1.0 for row in result["rows"].values())
+    # comparable sizes: no model has more than 1.5x the parameters of another
+    assert max(result["parameters"].values()) <= 1.5 * min(result["parameters"].values())
+    assert set(result["checks"]) == {"vit_below_cnn", "dhvt_above_vit", "dhvt_closes_gap"}
+    assert "| dhvt |" in (tmp_path / "dhvt.md").read_text()
+    assert json.loads((tmp_path / "dhvt.json").read_text())["rows"] == result["rows"]
 
 
 @pytest.mark.slow
