@@ -30,9 +30,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -42,8 +39,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from clsim.federated.loopback import BIN, Processes, flwr_env, free_port, wait_for_port
+
 ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
 ENGINES = ("inprocess", "warm", "cold")
 
 
@@ -51,59 +49,12 @@ def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for_port(port: int, seconds: float = 60.0) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.2)
-    raise RuntimeError(f"nothing listens on 127.0.0.1:{port} after {seconds:.0f} s")
-
-
-class Processes:
-    """Processes started in their own session, each killed with its children (its process group)."""
-
-    def __init__(self, logs: Path, env: dict[str, str]):
-        self.logs, self.env, self.procs = logs, env, []
-
-    def start(self, name: str, *cmd: str) -> subprocess.Popen:
-        out = open(self.logs / f"{name}.log", "wb")  # noqa: SIM115  # closed in stop()
-        proc = subprocess.Popen(cmd, cwd=self.logs, env=self.env, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-        self.procs.append((proc, out))
-        return proc
-
-    def stop(self) -> None:
-        for proc, _ in self.procs:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGTERM)
-        for proc, out in self.procs:
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                pass
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)  # flower-superexec / flwr-*app children too
-            proc.wait()
-            out.close()
-
-
 @contextlib.contextmanager
 def federation(work: Path, clients: int, warm: bool) -> Iterator[tuple[str, dict[str, str]]]:
     """A SuperLink and ``clients`` SuperNodes on loopback (``warm``: with one worker each);
     yields (the FLWR_HOME federation name, the environment for ``flwr run``)."""
-    home, link = work / "flwr_home", free_port()
-    home.mkdir(parents=True, exist_ok=True)
-    (home / "config.toml").write_text(f'[superlink.bench]\naddress = "127.0.0.1:{link}"\ninsecure = true\n')
-    env = os.environ | {"FLWR_HOME": str(home), "FLWR_DISABLE_UPDATE_CHECK": "1",
-                        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    link = free_port()
+    env = flwr_env(work / "flwr_home", "bench", link)
     procs = Processes(work, env)
     try:
         procs.start("superlink", str(BIN / "flower-superlink"), "--insecure", "--database", ":flwr-in-memory:",

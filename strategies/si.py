@@ -90,7 +90,7 @@ class SI(Strategy):
         # What outlives a task, and so is checkpointed:
         self.importance: Tensors = {}  # Omega_k, eq. 5, summed over finished tasks
         self.anchor: Tensors = {}  # theta*_k: the weights at the end of the last task
-        # What lives within one task (checkpoints are taken at task boundaries):
+        # What lives within one task (empty at task boundaries, where local runs checkpoint):
         self.omega: Tensors = {}  # omega_k of the current task, the running path integral
         self.start: Tensors = {}  # theta_k at the start of the current task
         self.step_params: Tensors = {}  # theta_k(t) of the last step, before its update
@@ -132,8 +132,8 @@ class SI(Strategy):
         end = self.snapshot(model)
         for n, theta in end.items():
             if n not in self.omega:
-                # no path integral on this instance (a federated client consolidates on a strategy
-                # restored from its saved state, which holds no within-task state): nothing to add
+                # no path integral on this instance (a federated client that did not train in this
+                # experience consolidates on a state without one): nothing to add
                 self.omega[n], self.start[n] = torch.zeros_like(theta), theta
             # eq. 5: Omega_k += omega_k / (Delta_k^2 + xi), Delta_k = theta_k(end) - theta_k(start).
             new = self.omega[n] / ((theta - self.start[n]).pow(2) + self.xi)
@@ -146,11 +146,17 @@ class SI(Strategy):
         self.omega, self.start, self.step_params, self.step_grads = {}, {}, {}, {}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"importance": self.importance, "anchor": self.anchor}
+        # The within-task state is empty at task boundaries (where local runs checkpoint), but a
+        # federated client saves after every round and consolidates on the restored state: with
+        # it, that consolidation adds the path integral of the client's last round.
+        return {"importance": self.importance, "anchor": self.anchor, "omega": self.omega,
+                "start": self.start, "step_params": self.step_params, "step_grads": self.step_grads}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.importance = dict(state["importance"])
         self.anchor = dict(state["anchor"])
+        for key in ("omega", "start", "step_params", "step_grads"):  # absent from older files
+            setattr(self, key, dict(state.get(key, {})))
 
     # -- the method ----------------------------------------------------------------------
 

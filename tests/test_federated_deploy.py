@@ -11,14 +11,12 @@ is bounded; everything listens on 127.0.0.1 only.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import datetime
 import io
 import ipaddress
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -38,10 +36,10 @@ from cryptography.hazmat.primitives.asymmetric import ec  # noqa: E402
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID  # noqa: E402
 
 from clsim.cli import main  # noqa: E402
+from clsim.federated.loopback import BIN, Processes, flwr_env, free_port, wait_for_port  # noqa: E402
 from test_federated import tiny  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
 
 
 # ---------------------------------------------------------------- the polling grid, the worker's checks
@@ -198,51 +196,6 @@ def test_the_test_ca_signs_a_certificate_for_loopback(tmp_path):
 
 # ---------------------------------------------------------------- processes
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for_port(port: int, seconds: float = 90.0) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.2)
-    raise AssertionError(f"nothing listens on 127.0.0.1:{port} after {seconds:.0f} s")
-
-
-class Processes:
-    """Processes in their own sessions, killed with their children (the process group) at the end."""
-
-    def __init__(self, folder: Path, env: dict[str, str]):
-        self.folder, self.env, self.procs = folder, env, {}
-
-    def start(self, name: str, *cmd: str) -> subprocess.Popen:
-        log = open(self.folder / f"{name}.log", "wb")  # noqa: SIM115  # closed in stop()
-        proc = subprocess.Popen(cmd, cwd=self.folder, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-        self.procs[name] = (proc, log)
-        return proc
-
-    def log(self, name: str) -> str:
-        return (self.folder / f"{name}.log").read_text(errors="replace")
-
-    def stop(self) -> None:
-        for proc, _ in self.procs.values():
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGTERM)
-        for proc, log in self.procs.values():
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=15)
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=15)
-            log.close()
-
-
 def flwr(env: dict[str, str], cwd: Path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run([str(BIN / "flwr"), *args], cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=timeout)
@@ -276,12 +229,8 @@ def test_a_tls_federation_admits_only_registered_supernodes_and_matches_inproces
     config.write_text(yaml.safe_dump(raw))
     ca, cert, key = make_tls(tmp_path / "tls")
     keys = {name: make_node_key(tmp_path, name) for name in ("node0", "node1", "stranger")}
-    link, home, out = free_port(), tmp_path / "flwr_home", tmp_path / "secure_run"
-    home.mkdir()
-    (home / "config.toml").write_text(
-        f'[superlink.secure]\naddress = "127.0.0.1:{link}"\nroot-certificates = "{ca}"\n')
-    env = os.environ | {"FLWR_HOME": str(home), "FLWR_DISABLE_UPDATE_CHECK": "1",
-                        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    link, out = free_port(), tmp_path / "secure_run"
+    env = flwr_env(tmp_path / "flwr_home", "secure", link, root_certificates=ca)
     assert subprocess.run([sys.executable, "-m", "clsim.federated.server_app", str(tmp_path / "app")],
                           cwd=ROOT, env=env, stdout=subprocess.DEVNULL).returncode == 0
     procs = Processes(tmp_path, env)
@@ -357,12 +306,9 @@ def test_on_loopback_a_supernode_refuses_a_plugin_it_does_not_allow(tmp_path):
     raw["strategy"] = {"plugin": str(ROOT / "strategies" / "si.py") + ":SI", "lambda": 1.0}
     config = tmp_path / "refuse.yaml"
     config.write_text(yaml.safe_dump(raw))
-    link, home, out = free_port(), tmp_path / "flwr_home", tmp_path / "refuse_run"
-    home.mkdir()
-    (home / "config.toml").write_text(f'[superlink.local]\naddress = "127.0.0.1:{link}"\ninsecure = true\n')
-    env = {k: v for k, v in os.environ.items() if k != "CLSIM_SIMULATED_CLIENTS"} | {
-        "FLWR_HOME": str(home), "FLWR_DISABLE_UPDATE_CHECK": "1",
-        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    link, out = free_port(), tmp_path / "refuse_run"
+    env = flwr_env(tmp_path / "flwr_home", "local", link,
+                   base={k: v for k, v in os.environ.items() if k != "CLSIM_SIMULATED_CLIENTS"})
     assert subprocess.run([sys.executable, "-m", "clsim.federated.server_app", str(tmp_path / "app")],
                           cwd=ROOT, env=env, stdout=subprocess.DEVNULL).returncode == 0
     procs = Processes(tmp_path, env)

@@ -7,10 +7,8 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,10 +20,10 @@ import yaml
 pytest.importorskip("flwr")
 
 from clsim.cli import main  # noqa: E402
+from clsim.federated.loopback import BIN, Processes, flwr_env, free_port, wait_for_port  # noqa: E402
 from test_federated import tiny  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
 RAW = tiny(clients_per_round=2, partition={"name": "dirichlet", "alpha": 0.5},
            server={"name": "fedprox", "mu": 0.01}) | {"name": "fed_flower", "seed": 2}
 RAW["scenario"]["n_tasks"] = 3
@@ -95,64 +93,32 @@ def test_a_hanging_client_times_out_and_the_run_goes_on(tmp_path):
     assert metrics["failed_clients"] >= 2 and len(metrics["accuracy_matrix"]) == 2
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for_port(port: int, seconds: float = 90.0) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.3)
-    raise AssertionError(f"nothing listens on 127.0.0.1:{port} after {seconds:.0f} s")
-
-
 def test_the_same_apps_run_on_a_real_superlink_with_two_supernodes(tmp_path):
     """README, "Run on a real Flower federation", step by step on loopback ports."""
     raw = copy.deepcopy(RAW)
     raw["scenario"]["n_tasks"] = 2
     raw["federated"] |= {"num_clients": 2, "rounds_per_experience": 1}
     del raw["federated"]["clients_per_round"]
-    config, out, home = write(tmp_path, raw, "real"), tmp_path / "real_run", tmp_path / "flwr_home"
+    config, out = write(tmp_path, raw, "real"), tmp_path / "real_run"
     link = free_port()
-    home.mkdir()
-    (home / "config.toml").write_text(f'[superlink.clsim]\naddress = "127.0.0.1:{link}"\ninsecure = true\n')
-    env = os.environ | {"FLWR_HOME": str(home), "FLWR_DISABLE_UPDATE_CHECK": "1",
-                        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env = flwr_env(tmp_path / "flwr_home", "clsim", link)
     assert subprocess.run([sys.executable, "-m", "clsim.federated.server_app", str(tmp_path / "app")],
                           cwd=ROOT, env=env).returncode == 0
-    logs, procs = [], []
-
-    def start(*cmd: str) -> None:
-        log = open(tmp_path / f"proc{len(procs)}.log", "wb")
-        logs.append(log)
-        procs.append(subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT))
-
+    procs = Processes(tmp_path, env)
     try:
-        start(str(BIN / "flower-superlink"), "--insecure", "--database", ":flwr-in-memory:", "--port", str(link))
+        procs.start("superlink", str(BIN / "flower-superlink"), "--insecure", "--database", ":flwr-in-memory:",
+                    "--port", str(link))
         wait_for_port(link)
         for k in range(2):
-            start(str(BIN / "flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{link}",
-                  "--port", str(free_port()), "--node-config", f"partition-id={k} num-partitions=2")
+            procs.start(f"node{k}", str(BIN / "flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{link}",
+                        "--port", str(free_port()), "--node-config", f"partition-id={k} num-partitions=2")
         run = subprocess.run(
             [str(BIN / "flwr"), "run", str(tmp_path / "app"), "clsim", "--stream",
              "--run-config", f"config='{config}' out='{out}'"],
             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=420)
         assert (out / "metrics.json").exists(), run.stdout[-3000:] + run.stderr[-3000:]
     finally:
-        for proc in procs:  # the parents; their flower-superexec children exit with them
-            proc.terminate()
-        for proc in procs:
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-        for log in logs:
-            log.close()
+        procs.stop()
     metrics = json.loads((out / "metrics.json").read_text())
     assert len(metrics["accuracy_matrix"]) == 2 and len(metrics["rounds"]) == 2
     assert all(sorted(r["aggregated"]) == [0, 1] for r in metrics["rounds"])

@@ -19,6 +19,7 @@ from clsim.federated.fleet import Fleet, Tier  # noqa: E402
 from clsim.federated.grid import PromptGrid  # noqa: E402
 from clsim.federated.runtime import runtime, shared  # noqa: E402
 from clsim.federated.state import STATE_KEY, ClientStore  # noqa: E402
+from test_federated import ROOT, run, tiny  # noqa: E402
 
 
 class SlowGrid:
@@ -116,3 +117,80 @@ def test_in_process_clients_share_the_servers_stream():
 ])
 def test_auto_backend_picks_in_process_unless_the_run_needs_real_time_outs(fed, engine):
     assert fed.engine == engine
+
+
+# ---------------------------------------------------------------- clients reuse their Learner
+
+REUSED = {
+    "ewc": {"name": "ewc", "lambda": 10.0},
+    "lwf": {"name": "lwf", "lambda": 1.0},
+    "l2": {"name": "l2", "lambda": 1.0},
+    "si_plugin": {"plugin": str(ROOT / "strategies" / "si.py") + ":SI", "lambda": 1.0},
+    "avalanche_si": {"name": "avalanche", "plugin": "SynapticIntelligencePlugin", "si_lambda": 100.0,
+                     "train_mb_size": 16},
+}
+
+
+def _reuse_run(tmp_path, monkeypatch, raw: dict, name: str, reuse: bool) -> tuple[dict, int]:
+    """A run with clients reusing their Learner (or always rebuilding it) and how many rebuilt."""
+    from clsim.federated import client
+
+    rebuilt = []
+    rebuild = client._rebuild
+    monkeypatch.setattr(client, "_rebuild", lambda job: rebuilt.append(job.client) or rebuild(job))
+    if not reuse:
+        monkeypatch.setattr(ClientStore, "take", lambda self, *, before: None)
+    metrics = run(tmp_path, raw, name)
+    monkeypatch.undo()
+    return untimed(metrics), len(rebuilt)
+
+
+def untimed(obj):
+    """Metrics without any wall-clock seconds (``*_s`` keys: run, round and server times)."""
+    if isinstance(obj, dict):
+        return {k: untimed(v) for k, v in obj.items() if not k.endswith("_s")}
+    if isinstance(obj, list):
+        return [untimed(v) for v in obj]
+    return obj
+
+
+@pytest.mark.parametrize("strategy", sorted(REUSED))
+def test_a_reused_client_learner_computes_what_a_rebuilt_one_does(tmp_path, monkeypatch, strategy):
+    """In one process a client keeps the Learner that saved its state instead of rebuilding it
+    from the config and the file; every number must be the rebuild's (3 clients, 2 rounds x 2
+    experiences: consolidations and head growth in between)."""
+    if strategy == "avalanche_si":
+        pytest.importorskip("avalanche")
+    raw = tiny(partition={"name": "dirichlet", "alpha": 0.5})
+    raw["strategy"] = REUSED[strategy]
+    reused, rebuilt_reusing = _reuse_run(tmp_path, monkeypatch, raw, "reused", reuse=True)
+    rebuilt, rebuilt_always = _reuse_run(tmp_path, monkeypatch, raw, "rebuilt", reuse=False)
+    assert reused == rebuilt
+    assert rebuilt_reusing == 3 < rebuilt_always  # only each client's first round builds one
+
+
+def test_a_reused_heterofl_client_computes_what_a_rebuilt_one_does_and_keeps_no_mask(tmp_path, monkeypatch):
+    """HeteroFL's clients train width-scaled sub-models and mask the logits of classes they hold
+    no data for, per round: a kept Learner must be the client's own width and start each round
+    with no mask left from the last one."""
+    from clsim.federated import client
+    from clsim.federated.submodels import LabelMask
+
+    raw = tiny(partition={"name": "dirichlet", "alpha": 0.3}, server={"name": "heterofl"},
+               fleet="clients/edge_fleet.yaml")
+    raw["model"] = {"name": "cnn", "channels": [4, 6], "hidden": 8}
+    raw["strategy"] = {"name": "ewc", "lambda": 10.0}
+    raw["federated"]["fleet"] = str(ROOT / "clients" / "edge_fleet.yaml")
+    masks_before = []
+    mask = client.mask_absent
+
+    def counting(model, labels):
+        masks_before.append(sum(isinstance(h, LabelMask) for h in model.head._forward_hooks.values()))
+        return mask(model, labels)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(client, "mask_absent", counting)
+        reused, rebuilt_reusing = _reuse_run(tmp_path, monkeypatch, raw, "reused", reuse=True)
+    assert len(masks_before) > 6 and set(masks_before) == {0}  # up to 3 clients x 2 rounds x 2 experiences
+    rebuilt, rebuilt_always = _reuse_run(tmp_path, monkeypatch, raw, "rebuilt", reuse=False)
+    assert reused == rebuilt and rebuilt_reusing < rebuilt_always

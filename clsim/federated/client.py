@@ -33,10 +33,10 @@ from torch import nn
 from clsim.federated.fleet import Tier, injected_fault
 from clsim.federated.proximal import proximal_term
 from clsim.federated.runtime import Runtime, runtime
-from clsim.federated.state import ClientStore
+from clsim.federated.state import ClientStore, state_bytes
 from clsim.federated.submodels import bn_statistics, build_submodel, held_labels, mask_absent
 from clsim.federated.trust import RefusedCode, check
-from clsim.learner import Learner, grow_model
+from clsim.learner import Learner, grow_model, seed_everything
 from clsim.scenarios.base import Experience
 from clsim.seeds import seed_torch
 
@@ -100,34 +100,68 @@ def cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu() for k, v in model.state_dict().items()}
 
 
+@dataclass
+class _Kept:
+    """A client's Learner as it was when it saved its newest state (see :func:`build_local`)."""
+
+    rt: Runtime
+    shape: tuple[float, float, bool]
+    state_classes: int
+    learner: Learner
+
+
+def _shape(job: Job) -> tuple[float, float, bool]:
+    """The client model's build settings the server sent: width ratio, Scaler rate, static BN."""
+    return (float(job.config.get("model-ratio", 1.0)), float(job.config.get("scaler-rate", 1.0)),
+            bool(job.config.get("static-bn", False)))
+
+
 def build_local(job: Job, global_state: dict[str, torch.Tensor]) -> Learner:
     """This client's :class:`~clsim.learner.Learner`: the global model (or the sub-model it was
-    sent) and its strategy, restored from its newest earlier state."""
+    sent) and its strategy, restored from its newest earlier state.
+
+    Where this process saved that state itself (the in-process grid; a Ray worker or SuperNode
+    that meets the client again), the Learner that saved it is reused instead of rebuilt from
+    the config and the file: its strategy state is the one saved, and the model is overwritten
+    below. A rebuild was most of a client's per-round overhead.
+    """
+    kept = job.store.take(before=job.step)
+    if isinstance(kept, _Kept) and kept.rt is job.rt and kept.shape == _shape(job):
+        seed_everything(job.rt.config.seed)  # as a rebuild leaves Python's and NumPy's streams
+        learner, job.state_classes = kept.learner, kept.state_classes
+    else:
+        learner = _rebuild(job)
+    grow_model(learner.model, job.rt.scenario, job.rt.head_size(job.experience))
+    learner.model.load_state_dict(global_state)
+    return learner
+
+
+def _rebuild(job: Job) -> Learner:
     config, scenario = job.rt.config, job.rt.scenario
     seed_torch(config.seed)
     # a sub-model strategy (HeteroFL, FedConv) sends this client's tier a width-scaled model
-    model = build_submodel(config.model, scenario.input_shape, float(job.config.get("model-ratio", 1.0)),
-                           scaler_rate=float(job.config.get("scaler-rate", 1.0)),
-                           static_bn=bool(job.config.get("static-bn", False)))
+    ratio, scaler_rate, static_bn = _shape(job)
+    model = build_submodel(config.model, scenario.input_shape, ratio, scaler_rate=scaler_rate, static_bn=static_bn)
     learner = Learner.build(config, scenario=scenario, model=model)
     saved = job.store.load(before=job.step)
-    # Unseeded growth: the global state overwrites every new row below, and learn / consolidate
+    # Unseeded growth: the global state overwrites every new row, and learn / consolidate
     # reseed before they draw (seeding each growth was a third of a client's per-round overhead).
     if saved is not None:
         # the state was saved with the head of its own experience (an LwF teacher has that shape)
         grow_model(learner.model, scenario, saved["num_classes"])
         learner.strategy.load_state_dict(saved["strategy"])
         job.state_classes = saved["num_classes"]
-    grow_model(learner.model, scenario, job.rt.head_size(job.experience))
-    learner.model.load_state_dict(global_state)
     return learner
 
 
 def _save(job: Job, learner: Learner, num_classes: int) -> None:
     """Save the strategy state with the head size it was taken at (``num_classes``), which
-    :func:`build_local` grows a fresh model to before loading it (an LwF teacher has that shape)."""
-    job.store.save(job.step, {"num_classes": num_classes, "experience": job.experience,
-                              "strategy": learner.strategy.state_dict()})
+    :func:`_rebuild` grows a fresh model to before loading it (an LwF teacher has that shape),
+    and keep the Learner for :func:`build_local` to reuse."""
+    state = learner.strategy.state_dict()
+    job.store.save(job.step, {"num_classes": num_classes, "experience": job.experience, "strategy": state})
+    nbytes = sum(t.numel() * t.element_size() for t in learner.model.state_dict().values())
+    job.store.keep(job.step, _Kept(job.rt, _shape(job), num_classes, learner), nbytes + state_bytes(state))
 
 
 def _enact_fault(job: Job) -> float:
@@ -192,11 +226,12 @@ def _train(job: Job, msg: Message) -> Message:
     exp, past = job.experiences()
     # HeteroFL / FedRolex: the classes this client holds (now or in an experience it met before)
     labels = held_labels([exp.train, *(e.train for e in past)])
-    if job.config.get("mask-absent", False):
-        mask_absent(learner.model, labels)
+    masked = mask_absent(learner.model, labels) if job.config.get("mask-absent", False) else None
     epochs = int(job.config["local-epochs"])
     stream = job.rt.stream_id(job.client, job.experience, job.round)
     loss, examples = learner.learn(exp, past, stream=stream, epochs=epochs, terms=terms, label="local")
+    if masked is not None:  # the mask is this round's: consolidation and a reused Learner train unmasked
+        masked.remove()
     # local training leaves what a strategy keeps across experiences (made in after_task) as it was
     # restored: saved with that head, not the grown one, or a teacher of the old head would be
     # loaded into a copy of the grown model next round

@@ -12,7 +12,12 @@ never leaves half a file) but not fsync'ed: a round writes one per client, and a
 which decides where ``--resume`` continues, still is. A process also keeps the states it saved
 in memory (:data:`MEMORY_BUDGET` bytes, newest first) and hands a copy back when the file on
 disk is still the one it wrote, instead of reading it back; with the in-process grid, and on a
-Ray worker that meets the same client again, a client's next round reads nothing.
+Ray worker that meets the same client again, a client's next round reads nothing. Under the
+same condition it keeps the live object that saved the state (the client's Learner,
+:meth:`ClientStore.keep` / :meth:`ClientStore.take`), which the client reuses instead of
+rebuilding it: a strategy's ``state_dict`` must therefore hold everything its next round
+depends on, as it must for ``--resume`` (tests/test_federated_speed.py checks the registered
+strategies compute the same either way).
 """
 
 from __future__ import annotations
@@ -50,12 +55,15 @@ class ClientStore:
             return []
         return sorted(int(m.group(1)) for p in self.dir.iterdir() if (m := _STEP.match(p.name)))
 
+    def _newest(self, *, before: int) -> Path | None:
+        steps = [s for s in self._steps() if s < before]
+        return self.dir / f"s{steps[-1]:07d}.pt" if steps else None
+
     def load(self, *, before: int) -> dict[str, Any] | None:
         """The newest state saved at a step < ``before``, or None."""
-        steps = [s for s in self._steps() if s < before]
-        if not steps:
+        path = self._newest(before=before)
+        if path is None:
             return None
-        path = self.dir / f"s{steps[-1]:07d}.pt"
         kept = _memory.get(path)
         if kept is not None:
             return _copy(kept)
@@ -72,6 +80,24 @@ class ClientStore:
         for s in older[:-1]:
             (self.dir / f"s{s:07d}.pt").unlink(missing_ok=True)
             _memory.drop(self.dir / f"s{s:07d}.pt")
+            _live.drop(self.dir / f"s{s:07d}.pt")
+
+    def keep(self, step: int, obj: Any, nbytes: int) -> None:
+        """Keep ``obj``, the live object whose state :meth:`save` just saved at ``step``, in this
+        process (:data:`LIVE_BUDGET`), for :meth:`take` to hand back instead of a rebuild."""
+        _live.put(self.dir / f"s{step:07d}.pt", obj, size=nbytes)
+
+    def take(self, *, before: int) -> Any | None:
+        """What :meth:`keep` kept with the state :meth:`load` would load, while that file is
+        still the one this process wrote (else None), and forget it: the taker changes it, and
+        only its next :meth:`keep` says it matches a saved state again (a round that fails
+        half-way then rebuilds from the file)."""
+        path = self._newest(before=before)
+        if path is None:
+            return None
+        obj = _live.get(path)
+        _live.drop(path)
+        return obj
 
 
 def _write(path: Path, plain: Any) -> None:
@@ -107,15 +133,16 @@ def _copy(obj: Any) -> Any:
     return obj  # immutable leaves: to_plain accepted nothing else
 
 
-def _nbytes(obj: Any) -> int:
+def state_bytes(obj: Any) -> int:
+    """Bytes of the tensors and arrays in a (nested) state."""
     if isinstance(obj, torch.Tensor):
         return obj.numel() * obj.element_size()
     if isinstance(obj, np.ndarray):
         return obj.nbytes
     if isinstance(obj, dict):
-        return sum(_nbytes(v) for v in obj.values())
+        return sum(state_bytes(v) for v in obj.values())
     if isinstance(obj, list | tuple | set | frozenset):
-        return sum(_nbytes(v) for v in obj)
+        return sum(state_bytes(v) for v in obj)
     return 0
 
 
@@ -135,8 +162,8 @@ class _Memory:
             return None
         return st.st_ino, st.st_size, st.st_mtime_ns
 
-    def put(self, path: Path, state: Any) -> None:
-        key, size = str(path.absolute()), _nbytes(state)
+    def put(self, path: Path, state: Any, *, size: int | None = None) -> None:
+        key, size = str(path.absolute()), state_bytes(state) if size is None else size
         self.drop(path)
         identity = self._identity(path)
         if identity is None or size > self.budget:
@@ -165,6 +192,9 @@ class _Memory:
 
 
 _memory = _Memory(MEMORY_BUDGET)
+LIVE_BUDGET = 64 * 2**20
+"""Bytes of the live objects (a client's Learner) :meth:`ClientStore.keep` holds per process."""
+_live = _Memory(LIVE_BUDGET)
 
 
 @dataclass

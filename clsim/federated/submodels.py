@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from clsim.errors import ConfigError
 from clsim.models.cifar_resnet import scaled_width  # one rounding rule for every model
@@ -164,10 +165,10 @@ def held_labels(datasets: Sequence[Any]) -> list[int]:
     return sorted(found)
 
 
-def mask_absent(model: nn.Module, classes: Sequence[int]) -> None:
+def mask_absent(model: nn.Module, classes: Sequence[int]) -> RemovableHandle:
     """Mask the training logits of every class not in ``classes`` (call after the head has grown:
-    growing replaces the head module and drops the hook)."""
-    model.head.register_forward_hook(LabelMask(classes))
+    growing replaces the head module and drops the hook); the handle removes the mask."""
+    return model.head.register_forward_hook(LabelMask(classes))
 
 
 @torch.no_grad()
