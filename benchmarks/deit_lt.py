@@ -43,9 +43,7 @@ import copy
 import json
 import multiprocessing
 import resource
-import statistics
 import sys
-import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -61,6 +59,7 @@ from clsim.config import parse_config  # noqa: E402
 from clsim.data.strong_augment import BatchMixup, StrongAugment  # noqa: E402
 from clsim.experiment import run  # noqa: E402
 from clsim.teacher import load_teacher, teacher_config  # noqa: E402
+from evidence import fresh_out, mean_std  # noqa: E402  (benchmarks/evidence.py)
 
 NO_TEACHER = {"distillation": "none"}
 STUDENT_ROWS = {  # row -> (strategy keys over the config's deit_lt section, teacher, student model)
@@ -92,18 +91,6 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--jobs", type=int, default=1, help="seeds trained in parallel processes (same numbers)")
     parser.add_argument("--quick", action="store_true", help="1 seed, 2 epochs, few images: a smoke run")
     return parser.parse_args()
-
-
-def out_dir(args: argparse.Namespace) -> Path:
-    """A folder with nothing in it: every run is trained here from scratch (no cached runs)."""
-    if args.out is None:
-        return Path(tempfile.mkdtemp(prefix="bench_deit_lt_"))
-    out = Path(args.out)
-    if out.exists() and any(out.iterdir()):
-        print(f"error: --out: {out} is not empty; the benchmark trains every run from scratch "
-              f"(give a new or empty folder)", file=sys.stderr)
-        raise SystemExit(2)
-    return out
 
 
 def base_config(args: argparse.Namespace) -> dict[str, Any]:
@@ -218,13 +205,6 @@ def aggregate(per_seed: list[dict[str, dict]]) -> dict[str, dict]:
     return table
 
 
-def mean_std(values: list[float | None]) -> dict[str, float] | None:
-    values = [v for v in values if v is not None]
-    if not values:
-        return None
-    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0}
-
-
 def checks(table: dict[str, dict]) -> dict[str, bool]:
     """The paper's claims, each as a comparison of seed means."""
     m = {row: {k: table[row][k]["mean"] for k in ("average_accuracy", "tail_accuracy")} for row in ORDER}
@@ -292,7 +272,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     if args.quick:
         args.seeds = args.seeds[:1]
-    raw, out = base_config(args), out_dir(args)
+    raw, out = base_config(args), fresh_out(args.out, "bench_deit_lt_")
     started, cpu_started = time.perf_counter(), cpu_time()
     per_seed = run_seeds(raw, args, out)
     table = aggregate(per_seed)

@@ -27,9 +27,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -41,6 +39,7 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without install
 
 from clsim.config import parse_config  # noqa: E402
 from clsim.experiment import run  # noqa: E402
+from evidence import fresh_out, mean_std  # noqa: E402  (benchmarks/evidence.py)
 
 TRANSFORMER = {"embed_dim": 64, "depth": 4, "num_heads": 4, "patch_size": 4}
 MODELS = {
@@ -68,18 +67,6 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def out_dir(args: argparse.Namespace) -> Path:
-    """A folder with nothing in it: every run is trained here from scratch."""
-    if args.out is None:
-        return Path(tempfile.mkdtemp(prefix="bench_dhvt_"))
-    out = Path(args.out)
-    if out.exists() and any(out.iterdir()):
-        print(f"error: --out: {out} is not empty; the benchmark trains every run from scratch "
-              f"(give a new or empty folder)", file=sys.stderr)
-        raise SystemExit(2)
-    return out
-
-
 def row_config(row: str, seed: int, quick: bool) -> dict[str, Any]:
     cfg = copy.deepcopy(BASE) | {"name": f"{row}_s{seed}", "seed": seed, "model": dict(MODELS[row])}
     if quick:
@@ -102,10 +89,6 @@ def run_row(cfg: dict[str, Any], run_dir: Path) -> dict:
     print(f"{cfg['name']}: {metrics['average_accuracy']:.3f} ({time.perf_counter() - started:.0f} s)",
           file=sys.stderr)
     return metrics
-
-
-def mean_std(values: list[float]) -> dict[str, float]:
-    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0}
 
 
 def write_report(path: Path, result: dict[str, Any], command: str) -> None:
@@ -144,7 +127,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     if args.quick:
         args.seeds = args.seeds[:1]
-    out = out_dir(args)
+    out = fresh_out(args.out, "bench_dhvt_")
     started, cpu_started = time.perf_counter(), time.process_time()
     per_seed = {row: [] for row in MODELS}
     for seed in args.seeds:
