@@ -17,7 +17,8 @@ Prints one JSON object on stdout (progress on stderr). Three parts (issue 5, poi
   the federation's (or local run's) ``wall_time_s`` and the command's end-to-end seconds,
   medians over ``--repeats`` rounds of the commands in rotating order, the load average around
   each, the ratios the issue sets targets for, and whether both engines give the same accuracy
-  matrix.
+  matrix; then Flower's own cost of as many exchanges with clients that do no work
+  (``flower_floor``), the part of the simulation engine's time no clsim change can remove.
 - ``per_round``: seconds per round against clients sampled per round (10 to 1,000 of 1,000
   clients; synthetic 8x8 images, ~8 per client, MLP 64, fine-tuning, no per-round evaluation)
   on both engines: which engine to pick for which federation.
@@ -298,6 +299,8 @@ def clsim_command(config: Path, out: Path, extra: list[str], threads: int, tree:
         raise RuntimeError(f"clsim run {' '.join(extra)} failed:\n{proc.stderr[-2000:]}")
     metrics = json.loads((out / "metrics.json").read_text())
     return {"end_to_end_s": seconds, "wall_time_s": metrics["wall_time_s"],
+            # messages the server waited on: one per round, one consolidation per experience
+            "exchanges": len(metrics.get("rounds", [])) + len(metrics["accuracy_matrix"]) if "rounds" in metrics else 0,
             "accuracy_matrix": metrics["accuracy_matrix"], "load_1min": [round(load, 2), round(os.getloadavg()[0], 2)]}
 
 
@@ -315,11 +318,63 @@ def speed(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
                                                   tmp / f"speed_{name}_{case}_{repeat}", SPEED_CASES[case],
                                                   args.threads, tree))
     result = {name: speed_summary({case: runs[name, case] for case in SPEED_CASES}) for name in trees}
+    exchanges = runs["this", "simulation"][0]["exchanges"]
+    log(f"speed: Flower's own round trip, {exchanges} exchanges with a ClientApp that does nothing")
+    floor = flower_floor(4, exchanges, args.repeats)
+    sim, inproc = (result["this"]["median"][case]["wall_time_s"] for case in ("simulation", "inprocess"))
+    result["this"]["flower_floor"] = floor | {
+        "simulation_minus_expected_wait_over_inprocess_wall": (sim - floor["expected_wait_s"]) / inproc,
+        # the target is out of reach when Flower's wait alone exceeds the 0.5x of in-process it allows
+        "expected_wait_over_inprocess_wall": floor["expected_wait_s"] / inproc}
     from clsim.federated.config import FederatedConfig
 
     result["this"] |= {"config": "scenarios/fed_digits.yaml", "repeats": args.repeats, "threads": args.threads,
                        "default_engine": FederatedConfig().engine}
     return result if args.trees else result["this"]
+
+
+def flower_floor(nodes: int, exchanges: int, repeats: int) -> dict[str, Any]:
+    """What Flower's simulation engine costs per exchange when the clients do no work: a ClientApp
+    that answers at once, ``nodes`` nodes, ``exchanges`` sends to all of them through clsim's
+    :class:`~clsim.federated.grid.PromptGrid`, ``repeats`` times. The engine hands queued
+    messages to its workers on a fixed 0.1 s tick (flwr 1.42,
+    ``server/superlink/fleet/vce/vce_api.py`` ``add_messages_to_queue``). Back-to-back sends
+    with no work between them lock to the tick, so an exchange here measures the tick itself;
+    in a federation, client and server work put each send at a random phase of it, so a
+    message waits half a tick on average: ``expected_wait_s``, the part of a simulated
+    federation's time that is Flower's and that no clsim change can remove."""
+    from flwr.app import Context, Message, RecordDict
+    from flwr.clientapp import ClientApp
+    from flwr.serverapp import Grid, ServerApp
+    from flwr.simulation import run_simulation
+
+    from clsim.federated.grid import PromptGrid
+
+    client, server, seconds = ClientApp(), ServerApp(), []
+
+    @client.query()
+    def answer(msg: Message, context: Context) -> Message:
+        return Message(RecordDict({}), reply_to=msg)
+
+    @server.main()
+    def main(grid: Grid, context: Context) -> None:
+        grid = PromptGrid(grid)
+        while len(ids := list(grid.get_node_ids())) < nodes:
+            time.sleep(0.01)
+        send = lambda: grid.send_and_receive([Message(RecordDict({}), dst_node_id=k, message_type="query")
+                                             for k in ids])  # noqa: E731
+        send()  # workers up
+        for _ in range(repeats * exchanges):
+            started = time.perf_counter()
+            send()
+            seconds.append(time.perf_counter() - started)
+
+    run_simulation(server_app=server, client_app=client, num_supernodes=nodes,
+                   backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+                                   "init_args": {"logging_level": "ERROR", "log_to_driver": False}})
+    tick = float(np.median(seconds))
+    return {"nodes": nodes, "exchanges": exchanges, "idle_exchange_s_median": tick,
+            "idle_exchange_s_mean": float(np.mean(seconds)), "expected_wait_s": exchanges * tick / 2}
 
 
 def speed_summary(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:

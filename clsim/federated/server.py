@@ -42,7 +42,6 @@ from clsim.federated.state import FedState, load_server, save_server
 from clsim.learner import Learner, finish, grow_model, record_row
 from clsim.report.run_folder import CHECKPOINT, CLIENT_STATE
 from clsim.seeds import CLIENT_SAMPLE, PUBLIC_READS, derive_seed, seed_torch
-WARM_UP = 8  # simulation: nodes queried before round 1, so workers import and load data early
 
 
 @dataclass(frozen=True)
@@ -180,19 +179,18 @@ class Federation:
         On a real federation a node holds its own partition, so every node is asked which one
         (a ``query`` message each). In simulation the nodes are interchangeable: client k is
         the k-th node by id and carries its index in each message, which spares N queries
-        (at ~0.1 s of Flower's message round trip each, they dominated runs of 1,000+ clients);
-        a few queries still warm the workers up (imports, data) outside round 1.
+        (at ~0.1 s of Flower's message round trip each, they dominated runs of 1,000+ clients).
+        The simulation engine's workers were warmed up before the clock started
+        (:func:`clsim.federated.runner.warm_up`).
         """
         n, deadline = self.fed.num_clients, time.monotonic() + wait_s
         while len(node_ids := sorted(grid.get_node_ids())) < n:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"only {len(node_ids)} of {n} Flower nodes connected after {wait_s:.0f} s")
             time.sleep(0.2)
-        content = RecordDict({"config": ConfigRecord({"experiment": self.text})})
         if self.assign_clients:
-            warm = [Message(content, dst_node_id=node, message_type="query") for node in node_ids[:WARM_UP]]
-            list(grid.send_and_receive(warm, timeout=wait_s))
             return {k: NodeInfo(node_ids[k], k, self.rt.tiers[k]) for k in range(n)}
+        content = RecordDict({"config": ConfigRecord({"experiment": self.text})})
         queries = [Message(content, dst_node_id=node, message_type="query") for node in node_ids]
         clients: dict[int, NodeInfo] = {}
         failed = []
