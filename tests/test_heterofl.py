@@ -177,3 +177,43 @@ def test_full_width_clients_holding_every_class_reduce_to_uniform_fedavg():
     for key, value in state.items():
         if value.is_floating_point():
             assert torch.allclose(new[key], (subs[0][key] + subs[1][key]) / 2), key
+
+
+# ---------------------------------------------------------------- sBN for the clients' own sub-models
+
+FLEET = {"name": "two_widths", "tiers": [{"name": "full", "share": 0.5, "model_size_ratio": 1.0},
+                                         {"name": "narrow", "share": 0.5, "model_size_ratio": 0.5}]}
+
+
+@pytest.mark.parametrize("server, own", [({"name": "heterofl"}, True), ({"name": "fedrolex"}, True),
+                                         ({"name": "heterofl", "static_bn": False}, False)])
+def test_narrow_clients_evaluate_with_their_own_bn_statistics_under_sbn(tmp_path, monkeypatch, server, own):
+    # the global model's statistics, sliced, are not a narrower model's: under sBN every narrower
+    # client computes its own on its partition before its accuracy is measured; full-width clients
+    # keep the global statistics, and without sBN nothing is recomputed
+    import clsim.federated.client as client
+    from clsim.experiment import run
+    from clsim.federated.submodels import batch_norms
+
+    calls = []
+    original = client._own_bn_statistics
+
+    def spy(job, learner, exp):
+        before = {n: bn.running_mean.clone() for n, bn in batch_norms(learner.model)}
+        original(job, learner, exp)
+        sums, batches = client._bn_sums(job, learner, exp)
+        after = dict(batch_norms(learner.model))
+        assert batches and all(torch.allclose(after[n].running_mean, sums[f"{n}.running_mean"] / batches)
+                               for n in before)
+        assert any(not torch.equal(before[n], after[n].running_mean) for n in before)
+        calls.append((job.client, learner.model.head.in_features))
+
+    monkeypatch.setattr(client, "_own_bn_statistics", spy)
+    raw = RAW | {"train": {"epochs": 1, "batch_size": 32, "lr": 1e-3},
+                 "federated": {"num_clients": 4, "rounds_per_experience": 1, "backend": "inprocess",
+                               "fleet": FLEET, "server": server, "eval_every_round": False}}
+    config = parse_config(raw)
+    run(config, tmp_path, quiet=True)
+    narrow = {k for k, tier in enumerate(config.federated.fleet.assign(4, config.seed)) if tier.name == "narrow"}
+    assert {k for k, _ in calls} == (narrow if own else set())
+    assert all(width == 4 for _, width in calls)  # hidden 8 at ratio 0.5: the narrow model itself

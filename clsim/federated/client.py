@@ -253,14 +253,29 @@ def bn_stats(msg: Message, context: Context) -> Message:
     with cpu_threads(job):
         learner = build_local(job, msg.content["arrays"].to_torch_state_dict())
         exp, _ = job.experiences()
-        engine = learner.engine
-        stream = job.rt.stream_id(job.client, job.experience, job.round)
-        with torch.random.fork_rng(devices=[]):  # augmentation draws: not the training stream's
-            seed_torch(stream)
-            sums, batches = bn_statistics(learner.model, engine.batches(
-                exp.train, batch_size=engine.train.batch_size, shuffle=True, seed=stream))
+        sums, batches = _bn_sums(job, learner, exp)
     metrics = MetricRecord({"batches": batches, "partition-id": job.client})
     return Message(RecordDict({"arrays": ArrayRecord(sums), "metrics": metrics}), reply_to=msg)
+
+
+def _bn_sums(job: Job, learner: Learner, exp: Experience) -> tuple[dict[str, torch.Tensor], int]:
+    """:func:`bn_statistics` of the learner's model over this client's partition of ``exp``."""
+    engine = learner.engine
+    stream = job.rt.stream_id(job.client, job.experience, job.round)
+    with torch.random.fork_rng(devices=[]):  # augmentation draws: not the training stream's
+        seed_torch(stream)
+        return bn_statistics(learner.model, engine.batches(
+            exp.train, batch_size=engine.train.batch_size, shuffle=True, seed=stream))
+
+
+def _own_bn_statistics(job: Job, learner: Learner, exp: Experience) -> None:
+    """sBN for the client's own (sub-)model before it is evaluated: the global model's
+    statistics, sliced to a narrower model, are not that model's (each of its channels sums
+    fewer inputs), so a sub-model's statistics are computed, as sBN computes the global
+    model's, from train-mode passes over this client's partition. Unchanged without data."""
+    sums, batches = _bn_sums(job, learner, exp)
+    if batches:
+        learner.model.load_state_dict({k: v / batches for k, v in sums.items()}, strict=False)
 
 
 @app.evaluate("consolidate")
@@ -276,6 +291,8 @@ def _consolidate(job: Job, msg: Message) -> Message:
     exp, past = job.experiences()
     learner.consolidate(exp, past, step=job.experience)  # the stream step's seed, as a local run
     _save(job, learner, learner.model.num_classes)  # after_task's state: the current head
+    if job.config.get("bn-stats", False):
+        _own_bn_statistics(job, learner, exp)
     rt, order = job.rt, job.rt.order(job.client)
     tests = [e for e in (rt.client_experience(job.client, i) for i in order[: job.experience + 1]) if len(e.test)]
     results = learner.evaluate(tests)
