@@ -137,3 +137,36 @@ def test_rehearsal_free_benchmark_tiny_writes_every_row_and_check(tmp_path):
     assert {"joint_clearly_above_finetune", "linear_probe_clearly_below_joint", "l2_attention_at_least_prompting",
             "above_ewc_and_finetune", "stream_can_differ", "paper_direction_holds"} <= set(result["checks"])
     assert weights.stat().st_size > 0 and "| l2_attention |" in report.read_text()
+
+
+@pytest.mark.slow
+def test_fedconv_benchmark_writes_every_row_setting_and_check(tmp_path):
+    result = run_benchmark("fedconv.py", "--seeds", "0", "1", "--rounds", "1", "--settings", "iid", "dir0.1",
+                           "--rows", "fedavg", "heterofl", "fedconv", "heterofl_ft", "--report-dir", str(tmp_path),
+                           "--jobs", "2")
+    assert json.loads((tmp_path / "fedconv.json").read_text()) == result
+    assert [(r["setting"], r["row"]) for r in result["rows"]] == [
+        (s, row) for s in ("iid", "dir0.1") for row in ("fedavg", "heterofl", "fedconv", "heterofl_ft")]
+    for row in result["rows"]:
+        assert row["seeds"] == 2 and len(row["runs"]) == 2
+        for key in ("global_accuracy", "client_accuracy", "mb_per_round", "client_gflops_per_round",
+                    "server_s_per_round"):
+            assert {"mean", "std"} == set(row[key]), (row["row"], key)
+        assert set(row["client_accuracy_per_tier"]) <= {"phone", "wearable", "edge_server"}
+    servers = {r["row"]: r["server"] for r in result["rows"]}
+    assert servers["heterofl_ft"] == {"name": "heterofl", "finetune": 10} and servers["fedconv"]["name"] == "fedconv"
+    by = {(r["setting"], r["row"]): r for r in result["rows"]}
+    # the controls learn on the public set on the server; plain HeteroFL does not
+    assert by["iid", "heterofl_ft"]["server_s_per_round"]["mean"] > by["iid", "heterofl"]["server_s_per_round"]["mean"]
+    # sub-models: fewer client FLOPs than the full model to everyone
+    assert by["iid", "heterofl"]["client_gflops_per_round"]["mean"] < by["iid", "fedavg"]["client_gflops_per_round"]["mean"]
+    assert "fedavg_iid_at_least_0.90" in result["checks"]
+    assert "## dir0.1" in (tmp_path / "fedconv.md").read_text()
+
+
+@pytest.mark.slow
+def test_fedconv_benchmark_refuses_a_used_out_folder(tmp_path):
+    (tmp_path / "old").mkdir()
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "fedconv.py"), "--out", str(tmp_path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "not empty" in proc.stderr
