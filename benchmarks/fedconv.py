@@ -19,6 +19,11 @@ Dirichlet(0.1). Rows:
   public set, 10 epochs per phase, each phase kept at its best epoch on a held-out 20 % of it).
 - ``fedconv_ft``: the same plus the paper's fine-tuning (global model and each returned
   client model, 10 epochs each on the public set).
+- ``fedconv_sbn``: an ablation, not the paper's: FedConv with HeteroFL's static BN (clients
+  train on batch statistics, the global model's are measured on the participants' data, each
+  narrower client measures its own before it is evaluated). A learnt compression mixes
+  channels, so sliced statistics are not the compressed model's, nor folded ones the dilated
+  global model's.
 - ``heterofl_ft``, ``fedrolex_ft``: the controls, the slicing baselines with the same 10 epochs
   of global fine-tuning on the same public set, selected the same way: what the public data
   gives without FedConv's learning on the model.
@@ -29,8 +34,9 @@ tier, MB per round, client GFLOPs per round, server seconds per round. Nothing i
 the test set (the public code selects every server phase's epoch on it, so the paper's
 numbers are test-selected).
 
-    python benchmarks/fedconv.py --jobs 2               # ~25 min on 2 CPU cores
+    python benchmarks/fedconv.py --jobs 2               # ~15 min on 2 CPU cores
     python benchmarks/fedconv.py --seeds 0 --rounds 2 --settings iid --rows fedavg heterofl --report-dir /tmp/r
+    python benchmarks/fedconv.py --settings iid --rows heterofl fedconv_mean=fedconv,aggregation=mean --report-dir /tmp/r
 """
 
 from __future__ import annotations
@@ -66,6 +72,7 @@ ROWS: dict[str, dict[str, Any] | None] = {
     "fedrolex": {"name": "fedrolex"},
     "fedconv": None,  # the scenario's own server section
     "fedconv_ft": {"finetune": FINETUNE, "client_finetune": FINETUNE},  # merged into it
+    "fedconv_sbn": {"static_bn": True},  # an ablation: HeteroFL's sBN on FedConv
     "heterofl_ft": {"name": "heterofl", "finetune": FINETUNE},
     "fedrolex_ft": {"name": "fedrolex", "finetune": FINETUNE},
 }
@@ -76,7 +83,9 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--settings", nargs="+", choices=list(SETTINGS), default=list(SETTINGS))
-    parser.add_argument("--rows", nargs="+", choices=list(ROWS), default=list(ROWS))
+    parser.add_argument("--rows", nargs="+", type=row_name, default=list(ROWS), metavar="ROW",
+                        help=f"rows: {', '.join(ROWS)}, or LABEL=NAME,KEY=VALUE,... (a server section, values "
+                             "read as YAML; NAME fedconv starts from the scenario's section)")
     parser.add_argument("--rounds", type=int, default=None, help="rounds (default: the scenario's)")
     parser.add_argument("--public-fraction", type=float, default=None,
                         help="federated.public_fraction in every row (default: the scenario's, 0.05)")
@@ -85,6 +94,22 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--report-dir", type=Path, default=ROOT / "reports")
     parser.add_argument("--out", default=None, help="run folders (new or empty; default a temp dir)")
     return parser.parse_args()
+
+
+def row_name(row: str) -> str:
+    """A ``--rows`` entry: a named row, or a LABEL=NAME,KEY=VALUE,... spec (registered in ROWS)."""
+    if row in ROWS:
+        return row
+    label, _, spec = row.partition("=")
+    if not label or not spec:
+        raise argparse.ArgumentTypeError(f"{row!r}: expected one of {', '.join(ROWS)} or LABEL=NAME,KEY=VALUE,...")
+    name, *pairs = spec.split(",")
+    try:
+        options = {k: yaml.safe_load(v) for k, v in (pair.split("=", 1) for pair in pairs)}
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{row!r}: each option after the name is KEY=VALUE") from None
+    ROWS[label] = options if name == "fedconv" else {"name": name} | options
+    return label
 
 
 def run_config(base: dict[str, Any], row: str, setting: str, seed: int, rounds: int | None = None,
@@ -167,10 +192,10 @@ def checks(rows: list[dict[str, Any]]) -> dict[str, Any]:
     if acc("iid", "fedavg") is not None:
         out["fedavg_iid_at_least_0.90"] = acc("iid", "fedavg") >= 0.90
     out["every_row_above_twice_chance"] = all(r["global_accuracy"]["mean"] > 0.2 for r in rows)
-    for s in sorted({r["setting"] for r in rows}):
+    for s in dict.fromkeys(r["setting"] for r in rows):
         slicing = [acc(s, b) for b in ("heterofl", "fedrolex") if acc(s, b) is not None]
         controls = [acc(s, b) for b in ("heterofl_ft", "fedrolex_ft") if acc(s, b) is not None]
-        for row in ("fedconv", "fedconv_ft"):
+        for row in ("fedconv", "fedconv_ft", "fedconv_sbn"):
             if acc(s, row) is None:
                 continue
             if slicing:

@@ -152,6 +152,10 @@ def test_client_options_are_the_codes_for_heterofl_and_fedrolex_and_absent_other
     smallest = SmallestFedAvg()
     assert smallest.client_options(0.5) == {} and not smallest.bn_stats  # FedAvg on the small model
     assert HeteroFL(scaler=False, static_bn=False, mask_absent=False, label_aggregation=False).client_options(0.5) == {}
+    from clsim.federated.fedconv import FedConv
+
+    assert FedConv().client_options(0.5) == {} and not FedConv().bn_stats  # the paper's client side
+    assert FedConv(static_bn=True).client_options(0.5) == {"static-bn": True} and FedConv(static_bn=True).bn_stats
 
 
 def test_bad_options_are_config_errors():

@@ -203,6 +203,10 @@ class FedConv(SubModelStrategy):
             ``finetune_lr``. 0: none.
         finetune, finetune_lr, val_fraction, patience: the global model's fine-tuning and the
             validation part every phase selects on (:class:`SubModelStrategy`).
+        static_bn: HeteroFL's sBN (:class:`SubModelStrategy`), not FedConv's: an ablation. A
+            learnt compression mixes channels, so the statically sliced BN statistics it sends
+            are not the compressed model's, nor are the folded ones the dilated global model's;
+            with sBN clients train on batch statistics and the global model's are measured.
     """
 
     uses_public_data = True
@@ -213,9 +217,9 @@ class FedConv(SubModelStrategy):
                  aggregation: Literal["learned", "mean"] = "learned",
                  weighting: Literal["examples", "uniform"] = "examples", bounded: bool = False,
                  client_finetune: int = 0, finetune: int = 0, finetune_lr: float = 1e-4,
-                 val_fraction: float = 0.2, patience: int | None = None):
+                 val_fraction: float = 0.2, patience: int | None = None, static_bn: bool = False):
         super().__init__(weighting=weighting, finetune=finetune, finetune_lr=finetune_lr, batch_size=batch_size,
-                         val_fraction=val_fraction, patience=patience)
+                         val_fraction=val_fraction, patience=patience, static_bn=static_bn)
         if epochs is not None and steps is not None:
             raise ConfigError("federated.server.epochs", f"give either epochs or steps, not both (steps: {steps!r})")
         pl.check_int("epochs", epochs, 0, none=True)
