@@ -158,10 +158,24 @@ def run_task(task: tuple[dict[str, Any], str]) -> dict[str, Any]:
     return result
 
 
+def check_configs(tasks: list[tuple[dict[str, Any], str]]) -> None:
+    """Every run's config is read before any trains: a bad row is one line and exit 2."""
+    from clsim.config import parse_config
+    from clsim.errors import ConfigError
+
+    for raw, _ in tasks:
+        try:
+            parse_config(copy.deepcopy(raw), base_dir=SCENARIO.parent)
+        except ConfigError as exc:
+            print(f"error: {raw['name']}: {exc}", file=sys.stderr)
+            raise SystemExit(2) from None
+
+
 def run_all(base: dict[str, Any], args: argparse.Namespace, out: Path) -> dict[tuple[str, str], list[dict]]:
     keys = [(setting, row, seed) for setting in args.settings for row in args.rows for seed in args.seeds]
     tasks = [(run_config(base, row, setting, seed, args.rounds, args.public_fraction), str(out / f"{setting}_{row}_{seed}"))
              for setting, row, seed in keys]
+    check_configs(tasks)
     if args.jobs <= 1:
         results = [run_task(task) for task in tasks]
     else:

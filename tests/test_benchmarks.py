@@ -169,3 +169,10 @@ def test_fedconv_benchmark_refuses_a_used_out_folder(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "fedconv.py"), "--out", str(tmp_path)],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "not empty" in proc.stderr
+
+
+@pytest.mark.slow
+def test_fedconv_benchmark_refuses_a_bad_row_before_training(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "fedconv.py"), "--rows", "bad=heterofl,nope=1",
+                           "--report-dir", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "federated.server.nope" in proc.stderr and not list(tmp_path.iterdir())
