@@ -83,7 +83,7 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--settings", nargs="+", choices=list(SETTINGS), default=list(SETTINGS))
-    parser.add_argument("--rows", nargs="+", type=row_name, default=list(ROWS), metavar="ROW",
+    parser.add_argument("--rows", nargs="+", type=row_spec, default=list(ROWS.items()), metavar="ROW",
                         help=f"rows: {', '.join(ROWS)}, or LABEL=NAME,KEY=VALUE,... (a server section, values "
                              "read as YAML; NAME fedconv starts from the scenario's section)")
     parser.add_argument("--rounds", type=int, default=None, help="rounds (default: the scenario's)")
@@ -96,10 +96,10 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def row_name(row: str) -> str:
-    """A ``--rows`` entry: a named row, or a LABEL=NAME,KEY=VALUE,... spec (registered in ROWS)."""
+def row_spec(row: str) -> tuple[str, dict[str, Any] | None]:
+    """A ``--rows`` entry as (label, server spec): a named row, or LABEL=NAME,KEY=VALUE,..."""
     if row in ROWS:
-        return row
+        return row, ROWS[row]
     label, _, spec = row.partition("=")
     if not label or not spec:
         raise argparse.ArgumentTypeError(f"{row!r}: expected one of {', '.join(ROWS)} or LABEL=NAME,KEY=VALUE,...")
@@ -108,19 +108,20 @@ def row_name(row: str) -> str:
         options = {k: yaml.safe_load(v) for k, v in (pair.split("=", 1) for pair in pairs)}
     except ValueError:
         raise argparse.ArgumentTypeError(f"{row!r}: each option after the name is KEY=VALUE") from None
-    ROWS[label] = options if name == "fedconv" else {"name": name} | options
-    return label
+    return label, (options if name == "fedconv" else {"name": name} | options)
 
 
-def run_config(base: dict[str, Any], row: str, setting: str, seed: int, rounds: int | None = None,
-               public_fraction: float | None = None) -> dict[str, Any]:
+def server_section(base: dict[str, Any], spec: dict[str, Any] | None) -> dict[str, Any]:
+    """A row's ``federated.server``: its own section, or (no ``name``) keys over the scenario's FedConv."""
+    return dict(spec) if spec and "name" in spec else base["federated"]["server"] | (spec or {})
+
+
+def run_config(base: dict[str, Any], row: tuple[str, dict[str, Any] | None], setting: str, seed: int,
+               rounds: int | None = None, public_fraction: float | None = None) -> dict[str, Any]:
     """The scenario with this row's server section, this setting's partition and this seed."""
-    raw = copy.deepcopy(base) | {"seed": seed, "name": f"fedconv_bench_{row}_{setting}_{seed}"}
-    server = ROWS[row]
-    if server is None or "name" not in server:
-        raw["federated"]["server"] = raw["federated"]["server"] | (server or {})
-    else:
-        raw["federated"]["server"] = dict(server)
+    label, spec = row
+    raw = copy.deepcopy(base) | {"seed": seed, "name": f"fedconv_bench_{label}_{setting}_{seed}"}
+    raw["federated"]["server"] = server_section(base, spec)
     raw["federated"]["partition"] = dict(SETTINGS[setting])
     if rounds is not None:
         raw["federated"]["rounds_per_experience"] = rounds
@@ -139,9 +140,10 @@ def run_one(raw: dict[str, Any], run_dir: Path) -> dict[str, Any]:
     metrics = run(config, run_dir, quiet=True)
     rounds = len(metrics["rounds"])
     tiers = [t.name for t in config.federated.fleet.assign(config.federated.num_clients, config.seed)]
-    per_client = metrics["client_accuracy"][-1]
-    per_tier = {name: float(np.mean([a for k, a in per_client.items() if tiers[int(k)] == name]))
-                for name in sorted(set(tiers)) if any(tiers[int(k)] == name for k in per_client)}
+    by_tier: dict[str, list[float]] = {}
+    for k, accuracy in metrics["client_accuracy"][-1].items():
+        by_tier.setdefault(tiers[int(k)], []).append(accuracy)
+    per_tier = {name: float(np.mean(values)) for name, values in sorted(by_tier.items())}
     return {"global_accuracy": metrics["average_accuracy"], "client_accuracy": metrics["mean_client_accuracy"][-1],
             "client_accuracy_per_tier": per_tier,
             "mb_per_round": metrics["communication_bytes"]["total"] / rounds / 1e6,
@@ -158,24 +160,25 @@ def run_task(task: tuple[dict[str, Any], str]) -> dict[str, Any]:
     return result
 
 
-def check_configs(tasks: list[tuple[dict[str, Any], str]]) -> None:
-    """Every run's config is read before any trains: a bad row is one line and exit 2."""
+def check_configs(base: dict[str, Any], args: argparse.Namespace) -> None:
+    """Every row's config is read before any run trains (a row's runs differ only in seed and
+    partition): a bad row is one line and exit 2."""
     from clsim.config import parse_config
     from clsim.errors import ConfigError
 
-    for raw, _ in tasks:
+    for row in args.rows:
+        raw = run_config(base, row, args.settings[0], args.seeds[0], args.rounds, args.public_fraction)
         try:
-            parse_config(copy.deepcopy(raw), base_dir=SCENARIO.parent)
+            parse_config(raw, base_dir=SCENARIO.parent)
         except ConfigError as exc:
-            print(f"error: {raw['name']}: {exc}", file=sys.stderr)
+            print(f"error: row {row[0]}: {exc}", file=sys.stderr)
             raise SystemExit(2) from None
 
 
 def run_all(base: dict[str, Any], args: argparse.Namespace, out: Path) -> dict[tuple[str, str], list[dict]]:
     keys = [(setting, row, seed) for setting in args.settings for row in args.rows for seed in args.seeds]
-    tasks = [(run_config(base, row, setting, seed, args.rounds, args.public_fraction), str(out / f"{setting}_{row}_{seed}"))
-             for setting, row, seed in keys]
-    check_configs(tasks)
+    tasks = [(run_config(base, row, setting, seed, args.rounds, args.public_fraction),
+              str(out / f"{setting}_{row[0]}_{seed}")) for setting, row, seed in keys]
     if args.jobs <= 1:
         results = [run_task(task) for task in tasks]
     else:
@@ -183,15 +186,15 @@ def run_all(base: dict[str, Any], args: argparse.Namespace, out: Path) -> dict[t
                                  initializer=torch.set_num_threads, initargs=(args.threads,)) as pool:
             results = list(pool.map(run_task, tasks))
     grouped: dict[tuple[str, str], list[dict]] = {}
-    for (setting, row, _), result in zip(keys, results):
-        grouped.setdefault((setting, row), []).append(result)
+    for (setting, (label, _), _), result in zip(keys, results):
+        grouped.setdefault((setting, label), []).append(result)
     return grouped
 
 
-def summarize(setting: str, row: str, runs: list[dict[str, Any]], base: dict[str, Any]) -> dict[str, Any]:
+def summarize(setting: str, row: tuple[str, dict[str, Any] | None], runs: list[dict[str, Any]],
+              base: dict[str, Any]) -> dict[str, Any]:
     tiers = sorted({t for r in runs for t in r["client_accuracy_per_tier"]})
-    return {"setting": setting, "row": row,
-            "server": run_config(base, row, setting, 0)["federated"]["server"],
+    return {"setting": setting, "row": row[0], "server": server_section(base, row[1]),
             **{m: mean_std([r[m] for r in runs]) for m in METRICS},
             "client_accuracy_per_tier": {t: mean_std([r["client_accuracy_per_tier"].get(t) for r in runs])
                                          for t in tiers},
@@ -259,13 +262,14 @@ def write_report(args: argparse.Namespace, rows: list[dict[str, Any]], found: di
 def main() -> None:
     args = parse_args()
     torch.set_num_threads(args.threads)
-    out = fresh_out(args.out, "fedconv_bench_")
     base = yaml.safe_load(SCENARIO.read_text())
+    check_configs(base, args)
+    out = fresh_out(args.out, "fedconv_bench_")
     command = "python benchmarks/fedconv.py " + " ".join(sys.argv[1:])
     started = time.perf_counter()
     grouped = run_all(base, args, out)
     seconds = time.perf_counter() - started
-    rows = [summarize(setting, row, grouped[setting, row], base) for setting in args.settings for row in args.rows]
+    rows = [summarize(setting, row, grouped[setting, row[0]], base) for setting in args.settings for row in args.rows]
     found = checks(rows)
     result = {"command": command.strip(), "seconds": round(seconds, 1), "seeds": args.seeds, "rows": rows,
               "checks": found}

@@ -300,7 +300,7 @@ def clsim_command(config: Path, out: Path, extra: list[str], threads: int, tree:
     metrics = json.loads((out / "metrics.json").read_text())
     return {"end_to_end_s": seconds, "wall_time_s": metrics["wall_time_s"],
             # messages the server waited on: one per round, one consolidation per experience
-            "exchanges": len(metrics.get("rounds", [])) + len(metrics["accuracy_matrix"]) if "rounds" in metrics else 0,
+            "exchanges": len(metrics["rounds"]) + len(metrics["accuracy_matrix"]) if "rounds" in metrics else 0,
             "accuracy_matrix": metrics["accuracy_matrix"], "load_1min": [round(load, 2), round(os.getloadavg()[0], 2)]}
 
 
@@ -361,8 +361,9 @@ def flower_floor(nodes: int, exchanges: int, repeats: int) -> dict[str, Any]:
         grid = PromptGrid(grid)
         while len(ids := list(grid.get_node_ids())) < nodes:
             time.sleep(0.01)
-        send = lambda: grid.send_and_receive([Message(RecordDict({}), dst_node_id=k, message_type="query")
-                                             for k in ids])  # noqa: E731
+        def send() -> None:
+            grid.send_and_receive([Message(RecordDict({}), dst_node_id=k, message_type="query") for k in ids])
+
         send()  # workers up
         for _ in range(repeats * exchanges):
             started = time.perf_counter()

@@ -74,6 +74,10 @@ class ServerStrategy:
         """The model (and its ratio) a client of ``tier`` consolidates with at an experience's end."""
         return arrays, 1.0
 
+    def consolidate_options(self, ratio: float) -> dict[str, Any]:
+        """What a client consolidating with a model of width ``ratio`` needs in its message config."""
+        return {}
+
     def state_dict(self) -> dict[str, Any] | None:
         """Learnt state the server checkpoint keeps for ``--resume`` (None: nothing to keep)."""
         return None

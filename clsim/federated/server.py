@@ -440,9 +440,7 @@ class Federation:
             ratio = self.client_ratio(k)
             if ratio not in by_ratio:
                 sub, ratio = self.strategy.consolidate_arrays(server_round, arrays, self.rt.tiers[k])
-                # sBN: the global statistics are the full-width model's; a narrower one needs its own
-                own_bn = self.strategy.bn_stats and ratio < self.strategy.global_ratio
-                extra = {"model-ratio": ratio} | ({"bn-stats": True} if own_bn else {})
+                extra = {"model-ratio": ratio} | self.strategy.consolidate_options(ratio)
                 by_ratio[ratio] = RecordDict({"arrays": sub, "config": ConfigRecord(dict(config) | extra)})
             out[k] = by_ratio[ratio]
         return out

@@ -237,6 +237,12 @@ class SubModelStrategy(ServerStrategy):
             options["report-labels"] = True
         return options
 
+    def consolidate_options(self, ratio: float) -> dict[str, Any]:
+        """``bn-stats`` under sBN for a client narrower than the global model: the global
+        statistics are the full-width model's, so the client measures its own model's on its
+        partition before that model is evaluated (``client._own_bn_statistics``)."""
+        return {"bn-stats": True} if self.static_bn and ratio < self.global_ratio else {}
+
     # ------------------------------------------------------------------ the driver's calls
     def configure_train(self, server_round: int, arrays: Any, config: Any, grid: Any) -> list[Any]:
         """One ``train`` message per sampled node, each with its tier's sub-model."""
