@@ -20,14 +20,21 @@ optimiser, lr and batch for all):
 - ``gcab``: the GCAB model (the same GPSA blocks + the gated class-attention block, a token and a
   head per task), HAT gates, no drift compensation (the paper's ablation);
 - ``gcab_cfdc_paper`` / ``gcab_cfdc_residual``: GCAB + CFDC with the paper's projector / clsim's
-  zero-initialised residual one.
+  zero-initialised residual one, trained as the paper's code trains them (old tokens read the
+  raw features in training, the projector chain only at test time);
+- ``gcab_cfdc_chain``: clsim's departure for the failure those two rows show (docs/gcab.md,
+  "Why later tasks were not learnt"): residual projector, old tokens read the projector chain in
+  training too and the classification loss trains the newest projector
+  (``project_in_training``, ``classification_trains_projector``), so old heads learn to reject
+  new images where they read them at test time; ``projector_weight`` tuned.
 
 Tuning (seed 0 only, stated in the report): each method's lambda (LwF's distillation weight,
 EWC's penalty, GCAB's sparsity) from the same relative grid, ``--lambda-grid`` times the
 method's default, by final average accuracy on a validation split (``data.validation_fraction``
 held out of the training images; the test split is never seen while tuning). Fine-tuning has no
 lambda; the lr is the same for every row and not tuned. All GCAB rows use the lambda tuned on the
-``gcab_cfdc_paper`` row.
+``gcab_cfdc_paper`` row; then ``gcab_cfdc_chain``'s projector weight is tuned the same way (the
+same relative grid times 0.01), with that lambda.
 
 Writes ``reports/gcab_cfdc.md`` and ``reports/gcab_cfdc.json`` (``--report``, ``--json``) and
 prints the same JSON object on stdout; progress goes to stderr.
@@ -54,12 +61,15 @@ from clsim.config import parse_config  # noqa: E402
 from clsim.experiment import run  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-ROWS = ("finetune", "lwf", "ewc", "gcab", "gcab_cfdc_paper", "gcab_cfdc_residual")
+ROWS = ("finetune", "lwf", "ewc", "gcab", "gcab_cfdc_paper", "gcab_cfdc_residual", "gcab_cfdc_chain")
 BASELINES = ("finetune", "lwf", "ewc")
-METHOD_ROWS = ("gcab_cfdc_paper", "gcab_cfdc_residual")
+METHOD_ROWS = ("gcab_cfdc_paper", "gcab_cfdc_residual", "gcab_cfdc_chain")
 DEFAULT_LAMBDA = {"lwf": 1.0, "ewc": 1000.0, "gcab": 1.0}  # the grid's x1 point per method
-TUNED = ("lwf", "ewc", "gcab_cfdc_paper")  # tuned rows; gcab and the residual row take the latter's lambda
+DEFAULT_PROJECTOR_WEIGHT = 0.01  # the chain row's x1 point (the paper's code: 0.001, no chain in training)
+TUNED = ("lwf", "ewc", "gcab_cfdc_paper")  # tuned rows; the other GCAB rows take the latter's lambda
 METRICS = ("average_incremental_accuracy", "last_accuracy", "forgetting", "plasticity")
+NO_CHAIN = ("no_chain_plasticity", "no_chain_last_accuracy")  # CFDC rows' variant with every task on raw features
+Setting = dict[str, float]  # a row's tuned values: "lambda" and, for the chain row, "projector_weight"
 
 
 def log(message: str) -> None:
@@ -88,7 +98,7 @@ def model_section(row: str, s: dict[str, Any]) -> dict[str, Any]:
     """The GCAB model for GCAB rows; for baselines timm's ConViT with the same GPSA backbone."""
     patch = 4 if s["image_size"] >= 16 else 2
     if row.startswith("gcab"):
-        projector = "residual" if row.endswith("residual") else "paper"
+        projector = "paper" if row.endswith("paper") else "residual"
         return {"name": "gcab_vit", "embed_dim": s["width"], "depth": s["depth"], "num_heads": s["heads"],
                 "patch_size": patch, "projector": projector, "gate_lr_scale": s["gate_lr_scale"]}
     # timm's ConVit multiplies embed_dim by num_heads; GPSA up to local_up_to_layer, then one
@@ -98,7 +108,7 @@ def model_section(row: str, s: dict[str, Any]) -> dict[str, Any]:
     return {"name": "timm", "arch": "convit_tiny", "options": options}
 
 
-def strategy_section(row: str, lam: float | None) -> dict[str, Any]:
+def strategy_section(row: str, lam: float | None, weight: float | None = None) -> dict[str, Any]:
     if row == "finetune":
         return {"name": "finetune"}
     if row == "lwf":
@@ -107,17 +117,20 @@ def strategy_section(row: str, lam: float | None) -> dict[str, Any]:
         return {"name": "ewc", "lambda": lam}
     if row == "gcab":
         return {"name": "gcab", "lambda": lam}
+    if row == "gcab_cfdc_chain":  # old heads read the chain in training, which trains the projector
+        return {"name": "gcab_cfdc", "lambda": lam, "project_in_training": True,
+                "classification_trains_projector": True, "projector_weight": weight}
     return {"name": "gcab_cfdc", "lambda": lam}  # the paper's training: old tokens read raw features
 
 
-def config_for(row: str, seed: int, s: dict[str, Any], lam: float | None, *, validation: bool) -> dict[str, Any]:
+def config_for(row: str, seed: int, s: dict[str, Any], setting: Setting, *, validation: bool) -> dict[str, Any]:
     """One experiment file, as a dict: ``clsim run`` of it is what this row measures."""
     data = {"name": "synthetic", "num_classes": s["classes"], "samples_per_class": s["samples"],
             "image_size": s["image_size"], "channels": 3, "seed": 0,
             "validation_fraction": s["validation_fraction"] if validation else 0.0}
     return {"name": f"{row}_seed{seed}", "seed": seed, "data": data,
             "scenario": {"name": "class_incremental", "n_tasks": s["tasks"]},
-            "model": model_section(row, s), "strategy": strategy_section(row, lam),
+            "model": model_section(row, s), "strategy": strategy_section(row, setting.get("lambda"), setting.get("projector_weight")),
             "train": {"epochs": s["epochs"], "batch_size": s["batch_size"], "lr": s["lr"], "optimizer": "adam"}}
 
 
@@ -126,10 +139,16 @@ def measure(config: dict[str, Any], out: Path) -> dict[str, Any]:
     metrics = run(parse_config(config), out, quiet=True)
     matrix = metrics["accuracy_matrix"]
     diagonal = [matrix[i][i] for i in range(len(matrix))]  # each task right after learning it
-    return {"average_incremental_accuracy": metrics["average_incremental_accuracy"],
-            "last_accuracy": metrics["average_accuracy"], "forgetting": metrics["forgetting"],
-            "plasticity": statistics.mean(diagonal), "plasticity_per_task": diagonal,
-            "accuracy_matrix": matrix, "wall_s": metrics["wall_time_s"]}
+    result = {"average_incremental_accuracy": metrics["average_incremental_accuracy"],
+              "last_accuracy": metrics["average_accuracy"], "forgetting": metrics["forgetting"],
+              "plasticity": statistics.mean(diagonal), "plasticity_per_task": diagonal,
+              "accuracy_matrix": matrix, "wall_s": metrics["wall_time_s"]}
+    if "no_chain" in metrics.get("variants", {}):  # CFDC rows: every task reading the current features
+        raw = metrics["variants"]["no_chain"]
+        raw_diagonal = [raw["accuracy_matrix"][i][i] for i in range(len(matrix))]
+        result |= {"no_chain_plasticity": statistics.mean(raw_diagonal),
+                   "no_chain_last_accuracy": raw["average_accuracy"]}
+    return result
 
 
 def measure_job(job: tuple[str, dict[str, Any], Path, int]) -> dict[str, Any]:
@@ -149,24 +168,37 @@ def run_jobs(jobs: list[tuple[str, dict[str, Any], Path, int]], workers: int) ->
         return list(pool.map(measure_job, jobs))
 
 
-def tune(rows: list[str], s: dict[str, Any], tmp: Path, args: argparse.Namespace
-         ) -> tuple[dict[str, float], dict[str, list[dict[str, float]]]]:
-    """Per row, the lambda with the best validation last accuracy on seed 0 (ties: the earlier point)."""
-    points = [(row, i, DEFAULT_LAMBDA[method(row)] * f) for row in rows for i, f in enumerate(s["lambda_grid"])]
-    jobs = [(f"tune {row} lambda {lam:g} (validation)", config_for(row, s["seeds"][0], s, lam, validation=True),
-             tmp / f"tune_{row}_{i}", args.threads) for row, i, lam in points]
+def grid(row: str, s: dict[str, Any], base: Setting) -> list[Setting]:
+    """The settings tried for a row: lambda, or (chain row) the projector weight, times the grid."""
+    if row == "gcab_cfdc_chain":
+        return [base | {"projector_weight": DEFAULT_PROJECTOR_WEIGHT * f} for f in s["lambda_grid"]]
+    return [{"lambda": DEFAULT_LAMBDA[method(row)] * f} for f in s["lambda_grid"]]
+
+
+def tune(rows: list[str], s: dict[str, Any], tmp: Path, args: argparse.Namespace, base: Setting | None = None
+         ) -> tuple[dict[str, Setting], dict[str, list[dict[str, Any]]]]:
+    """Per row, the setting with the best validation last accuracy on seed 0 (ties: the earlier point)."""
+    points = [(row, i, setting) for row in rows for i, setting in enumerate(grid(row, s, base or {}))]
+    jobs = [(f"tune {row} {label(setting)} (validation)",
+             config_for(row, s["seeds"][0], s, setting, validation=True), tmp / f"tune_{row}_{i}", args.threads)
+            for row, i, setting in points]
     chosen, tuning = {}, {}
-    for (row, _, lam), result in zip(points, run_jobs(jobs, args.jobs)):
-        tuning.setdefault(row, []).append({"lambda": lam, "validation_last_accuracy": result["last_accuracy"],
-                                           "validation_plasticity": result["plasticity"]})
+    for (row, _, setting), result in zip(points, run_jobs(jobs, args.jobs)):
+        tuning.setdefault(row, []).append(setting | {"validation_last_accuracy": result["last_accuracy"],
+                                                     "validation_plasticity": result["plasticity"]})
     for row, tried in tuning.items():
-        chosen[row] = max(tried, key=lambda t: t["validation_last_accuracy"])["lambda"]
+        best = max(tried, key=lambda t: t["validation_last_accuracy"])
+        chosen[row] = {k: best[k] for k in ("lambda", "projector_weight") if k in best}
     return chosen, tuning
 
 
-def evaluate(chosen: dict[str, float | None], s: dict[str, Any], tmp: Path, args: argparse.Namespace
+def label(setting: Setting) -> str:
+    return ", ".join(f"{k.replace('_', ' ')} {v:g}" for k, v in setting.items())
+
+
+def evaluate(chosen: dict[str, Setting], s: dict[str, Any], tmp: Path, args: argparse.Namespace
              ) -> dict[str, dict[str, Any]]:
-    """Every seed of every row with its chosen lambda, on the test split."""
+    """Every seed of every row with its chosen setting, on the test split."""
     points = [(row, seed) for row in args.rows for seed in s["seeds"]]
     jobs = [(f"{row} seed {seed}", config_for(row, seed, s, chosen[row], validation=False),
              tmp / f"{row}_{seed}", args.threads) for row, seed in points]
@@ -175,9 +207,9 @@ def evaluate(chosen: dict[str, float | None], s: dict[str, Any], tmp: Path, args
             for row in args.rows}
 
 
-def summarise(lam: float | None, runs: list[dict[str, Any]]) -> dict[str, Any]:
+def summarise(setting: Setting, runs: list[dict[str, Any]]) -> dict[str, Any]:
     """One row over its seeds: per-seed values, mean and std of each metric, seed 0's matrix."""
-    out: dict[str, Any] = {"lambda": lam}
+    out: dict[str, Any] = {"lambda": setting.get("lambda")} | {k: v for k, v in setting.items() if k != "lambda"}
     for key in METRICS:
         values = [r[key] for r in runs]
         out[key] = {"mean": statistics.mean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
@@ -185,6 +217,11 @@ def summarise(lam: float | None, runs: list[dict[str, Any]]) -> dict[str, Any]:
     per_task = list(zip(*(r["plasticity_per_task"] for r in runs)))  # (tasks, seeds)
     out["plasticity_per_task_mean"] = [statistics.mean(t) for t in per_task]
     out["plasticity_per_task_min"] = [min(t) for t in per_task]
+    for key in NO_CHAIN:
+        if key in runs[0]:
+            values = [r[key] for r in runs]
+            out[key] = {"mean": statistics.mean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+                        "per_seed": values}
     out["accuracy_matrix_seed0"] = runs[0]["accuracy_matrix"]
     out["wall_s_per_run"] = round(statistics.mean(r["wall_s"] for r in runs), 1)
     return out
@@ -226,6 +263,24 @@ def learnt(rows: dict[str, dict[str, Any]], s: dict[str, Any]) -> list[str]:
     return lines
 
 
+def no_chain_section(rows: dict[str, dict[str, Any]]) -> list[str]:
+    """CFDC rows with and without the projector chain at test time: learnt, then lost in it?"""
+    cfdc = [name for name, row in rows.items() if NO_CHAIN[0] in row]
+    if not cfdc:
+        return []
+    lines = ["", "### CFDC rows read without the projector chain", "",
+             "The same models, every task's token reading the current features at test time (the `no_chain` "
+             "prediction variant, as in training): plasticity there says whether each task was learnt; the gap "
+             "to the row's own plasticity is what the old heads take from new images through the chain.", "",
+             "| row | plasticity (chain) | plasticity (no chain) | last accuracy (chain) | last accuracy (no chain) |",
+             "|---|---|---|---|---|"]
+    for name in cfdc:
+        row = rows[name]
+        lines.append(f"| {name} | {fmt(row['plasticity'])} | {fmt(row['no_chain_plasticity'])} | "
+                     f"{fmt(row['last_accuracy'])} | {fmt(row['no_chain_last_accuracy'])} |")
+    return lines
+
+
 def markdown(result: dict[str, Any]) -> str:
     """``reports/gcab_cfdc.md``: settings, tuning, the table, the verdicts and seed 0's matrices."""
     rows, s = result["rows"], result["settings"]
@@ -241,30 +296,36 @@ def markdown(result: dict[str, Any]) -> str:
              f"block with a CLS token (baselines: timm's ConViT, `local_up_to_layer` {s['depth']}).",
              f"GCAB rows: s_max 800, BCE, gate step-size multiplier `gate_lr_scale` {s['gate_lr_scale']}, "
              f"CFDC as the paper trains it (old tokens read the raw features in training, the projector chain "
-             f"at test time); projector `paper` or `residual`.", "",
+             f"at test time), projector `paper` or `residual`; `gcab_cfdc_chain` (clsim's departure, not the "
+             f"paper's): residual projector, old tokens read the chain in training too and the classification "
+             f"loss trains the newest projector.", "",
              "## Tuning (seed 0 only, validation split held out of the training images)", "",
-             f"Grid: {s['lambda_grid']} x each method's default lambda {DEFAULT_LAMBDA}; chosen by validation "
-             "last accuracy. The lr is not tuned (the same for every row).", "",
-             "| row | lambda | validation last accuracy | validation plasticity |", "|---|---|---|---|"]
+             f"Grid: {s['lambda_grid']} x each method's default lambda {DEFAULT_LAMBDA} (`gcab_cfdc_chain`: x its "
+             f"default projector weight {DEFAULT_PROJECTOR_WEIGHT}, with the GCAB lambda chosen first); chosen by "
+             "validation last accuracy. The lr is not tuned (the same for every row).", "",
+             "| row | setting | validation last accuracy | validation plasticity |", "|---|---|---|---|"]
     for name, tried in result["tuning"].items():
         for t in tried:
-            mark = " (chosen)" if t["lambda"] == rows.get(name, {}).get("lambda") else ""
-            lines.append(f"| {name} | {t['lambda']:g}{mark} | {t['validation_last_accuracy']:.3f} | "
+            setting = {k: t[k] for k in ("lambda", "projector_weight") if k in t}
+            mark = " (chosen)" if all(rows.get(name, {}).get(k) == v for k, v in setting.items()) else ""
+            lines.append(f"| {name} | {label(setting)}{mark} | {t['validation_last_accuracy']:.3f} | "
                          f"{t['validation_plasticity']:.3f} |")
     lines += ["", f"## Results ({len(s['seeds'])} seeds, mean ± std, test split)", "",
               "Average incremental accuracy: mean over steps of the accuracy on all tasks seen so far; last "
               "accuracy: after the last task, over all tasks; forgetting: mean drop from each old task's best; "
               "plasticity: each task's accuracy right after learning it (no task id anywhere).", "",
-              "| row | lambda | average incremental accuracy | last accuracy | forgetting | plasticity | s / run |",
+              "| row | setting | average incremental accuracy | last accuracy | forgetting | plasticity | s / run |",
               "|---|---|---|---|---|---|---|"]
     for name, row in rows.items():
-        lam = "" if row["lambda"] is None else f"{row['lambda']:g}"
-        lines.append(f"| {name} | {lam} | " + " | ".join(fmt(row[k]) for k in METRICS) + f" | {row['wall_s_per_run']} |")
+        setting = label({k: row[k] for k in ("lambda", "projector_weight") if row.get(k) is not None})
+        lines.append(f"| {name} | {setting} | " + " | ".join(fmt(row[k]) for k in METRICS)
+                     + f" | {row['wall_s_per_run']} |")
     lines += ["", "## The paper's direction", "",
               "The paper: GCAB + CFDC above the exemplar-free baselines (fine-tuning, LwF, EWC) on last and "
               "average incremental accuracy, with lower forgetting. What came out:", ""]
     lines += verdict(rows, s)
     lines += ["", "## Every task learnt? (plasticity per task)", ""] + learnt(rows, s)
+    lines += no_chain_section(rows)
     for name in rows:
         lines += ["", f"Accuracy matrix of `{name}` (seed {s['seeds'][0]}; row i = after task i, column j = "
                       f"test set of task j):", ""] + matrix_table(rows[name]["accuracy_matrix_seed0"])
@@ -286,7 +347,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--classes", type=int, default=20)
     parser.add_argument("--tasks", type=int, default=5)
     parser.add_argument("--samples", type=int, default=80, help="generated images a class (train + test)")
-    parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--epochs", type=int, default=24)
     parser.add_argument("--width", type=int, default=64)
     parser.add_argument("--depth", type=int, default=2, help="GPSA blocks before the last block")
     parser.add_argument("--heads", type=int, default=4)
@@ -313,7 +374,11 @@ def main(argv: list[str] | None = None) -> None:
     tuned = [r for r in TUNED if r in args.rows or (r == "gcab_cfdc_paper" and gcab_rows)]
     with tempfile.TemporaryDirectory(prefix="gcab_bench_") as tmp:
         chosen, tuning = tune(tuned, s, Path(tmp), args)
-        chosen |= {"finetune": None} | {r: chosen["gcab_cfdc_paper"] for r in gcab_rows}
+        chosen |= {"finetune": {}} | {r: chosen["gcab_cfdc_paper"] for r in gcab_rows}
+        if "gcab_cfdc_chain" in args.rows:  # its projector weight, with the GCAB lambda just chosen
+            more, more_tuning = tune(["gcab_cfdc_chain"], s, Path(tmp), args, base=chosen["gcab_cfdc_paper"])
+            chosen |= more
+            tuning |= more_tuning
         rows = evaluate(chosen, s, Path(tmp), args)
     command = "python benchmarks/gcab_cfdc.py " + " ".join(sys.argv[1:] if argv is None else argv)
     result = {"benchmark": "gcab_cfdc", "settings": s, "tuning": tuning, "rows": rows,

@@ -29,6 +29,7 @@ from clsim.models.gcab import GCABClassifier, gcab_vit
 from clsim.registry import MODELS, STRATEGIES
 from clsim.report.run_folder import CHECKPOINT, write_config
 from clsim.scenarios.builders import class_incremental
+from clsim.strategies.base import split_prediction
 from clsim.strategies.gcab import GatedClassAttention
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -175,10 +176,37 @@ def test_inference_needs_no_task_id(scenario):
     model = learner.model.eval()
     x, y = scenario.experiences[1].test.get_batch(torch.arange(6))
     with torch.no_grad():
-        logits = strategy.predict(model, x)  # from x alone
+        logits, _ = strategy.predict(model, x)  # from x alone
     assert logits.shape == (6, scenario.num_classes)
     assert torch.equal(logits, model(x))
     assert all(0 <= a <= 1 for a in state.rows[-1])
+
+
+def test_no_chain_variant_reads_raw_features_for_every_task(scenario):
+    """CFDC's prediction also scores every task on the current features; GCAB alone has no variant."""
+    strategy = STRATEGIES.get("gcab_cfdc")()
+    learner = learner_for(scenario, strategy)
+    train_upto(learner, 3)
+    model = learner.model.eval()
+    x, _ = scenario.experiences[0].test.get_batch(torch.arange(5))
+    cols = [model.head_rows(t) for t in range(3)]
+    with torch.no_grad():
+        logits, variants = strategy.predict(model, x)
+        raw = model.logits_from_patches(model.backbone(x), s=None, project=False)
+    assert set(variants) == {"no_chain"} and torch.equal(variants["no_chain"], raw)
+    assert torch.equal(raw[:, cols[2]], logits[:, cols[2]])  # the newest task reads raw features anyway
+    assert not torch.equal(raw[:, cols[0]], logits[:, cols[0]])  # trained projectors move old tasks
+    gcab = STRATEGIES.get("gcab")()
+    gcab.setup(model)
+    with torch.no_grad():
+        assert torch.equal(gcab.predict(model, x), raw)  # a tensor: nothing to compare against
+
+
+def test_run_reports_the_no_chain_variant(tmp_path):
+    metrics = run(parse_config(TINY_RUN), tmp_path / "run", quiet=True)
+    no_chain = metrics["variants"]["no_chain"]
+    assert len(no_chain["accuracy_matrix"]) == 3
+    assert no_chain["accuracy_matrix"][0][0] == metrics["accuracy_matrix"][0][0]  # one task: no chain yet
 
 
 def test_projector_chain_reaches_only_earlier_tasks(scenario):
@@ -238,7 +266,8 @@ def test_state_dict_round_trip_gives_identical_predictions_and_loss(scenario, na
     with torch.no_grad():
         loss = strategy.loss(model, x, y)
         assert torch.equal(fresh.loss(model, x, y), loss)
-        assert torch.equal(fresh.predict(model.eval(), x), strategy.predict(model, x))
+        assert torch.equal(split_prediction(fresh.predict(model.eval(), x))[0],
+                           split_prediction(strategy.predict(model, x))[0])
 
 
 TINY_RUN = {
@@ -337,8 +366,12 @@ def test_benchmark_tiny_mode_prints_rows_and_writes_the_report(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(proc.stdout)
     assert json.loads(rows_json.read_text()) == result  # the report's rows file is what was printed
-    assert set(result["rows"]) == {"finetune", "lwf", "ewc", "gcab", "gcab_cfdc_paper", "gcab_cfdc_residual"}
-    assert set(result["tuning"]) == {"lwf", "ewc", "gcab_cfdc_paper"}  # tuned on a validation split
+    cfdc = {"gcab_cfdc_paper", "gcab_cfdc_residual", "gcab_cfdc_chain"}
+    assert set(result["rows"]) == {"finetune", "lwf", "ewc", "gcab"} | cfdc
+    assert set(result["tuning"]) == {"lwf", "ewc", "gcab_cfdc_paper", "gcab_cfdc_chain"}  # on a validation split
+    assert result["rows"]["gcab_cfdc_chain"]["projector_weight"] == 0.01  # the 1-point grid's value
+    for name, row in result["rows"].items():  # CFDC rows also read without the chain
+        assert ("no_chain_plasticity" in row) == (name in cfdc)
     for row in result["rows"].values():
         for key in ("average_incremental_accuracy", "last_accuracy", "forgetting", "plasticity"):
             assert {"mean", "std", "per_seed"} <= set(row[key])
@@ -346,6 +379,7 @@ def test_benchmark_tiny_mode_prints_rows_and_writes_the_report(tmp_path):
         assert len(row["plasticity_per_task_mean"]) == 5 and "accuracy_matrix_seed0" in row
     text = report.read_text()
     assert "| gcab_cfdc_paper |" in text and "The paper's direction" in text and "Every task learnt" in text
+    assert "read without the projector chain" in text
 
 
 # --------------------------------------------------------------------------- issue 13: every task learnt

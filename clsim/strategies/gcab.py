@@ -36,7 +36,7 @@ from torch.utils.data import Dataset
 from clsim.errors import ConfigError
 from clsim.models.gcab import S_MAX, GCABClassifier
 from clsim.registry import STRATEGIES
-from clsim.strategies.base import Batches, Strategy, Task
+from clsim.strategies.base import Batches, Prediction, Strategy, Task
 from clsim.strategies.distillation import frozen_copy
 
 Frozen = dict[str, tuple[torch.Tensor, torch.Tensor]]  # name -> (frozen entries (bool), values to keep)
@@ -181,11 +181,21 @@ class GatedClassAttention(Strategy):
             params[name].copy_(torch.where(frozen, kept, params[name]))
         self.step += 1
 
-    def predict(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    def predict(self, model: nn.Module, x: torch.Tensor) -> Prediction:
         """Every task's hard-gated logits, ``(B, classes seen)``; earlier tasks read the projector
         chain only with drift compensation (GCAB alone has no trained projectors: the public
-        code builds none, and a fresh ``projector: paper`` is a random map)."""
-        return model.logits_from_patches(model.backbone(x), s=None, project=self.drift_compensation)
+        code builds none, and a fresh ``projector: paper`` is a random map).
+
+        With drift compensation the run also scores the variant ``no_chain`` (``metrics.json``
+        ``variants``): the same model with every task reading the current features, as in
+        training. Right after a task it says whether the task was learnt but lost in the heads'
+        competition through the chain (docs/gcab.md, "Why later tasks were not learnt").
+        """
+        patches = model.backbone(x)
+        logits = model.logits_from_patches(patches, s=None, project=self.drift_compensation)
+        if not self.drift_compensation:
+            return logits
+        return logits, {"no_chain": model.logits_from_patches(patches, s=None, project=False)}
 
     def after_task(self, model: nn.Module, task: Task, batches: Batches) -> None:
         if self.drift_compensation:
