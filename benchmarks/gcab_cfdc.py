@@ -130,7 +130,8 @@ def config_for(row: str, seed: int, s: dict[str, Any], setting: Setting, *, vali
             "validation_fraction": s["validation_fraction"] if validation else 0.0}
     return {"name": f"{row}_seed{seed}", "seed": seed, "data": data,
             "scenario": {"name": "class_incremental", "n_tasks": s["tasks"]},
-            "model": model_section(row, s), "strategy": strategy_section(row, setting.get("lambda"), setting.get("projector_weight")),
+            "model": model_section(row, s),
+            "strategy": strategy_section(row, setting.get("lambda"), setting.get("projector_weight")),
             "train": {"epochs": s["epochs"], "batch_size": s["batch_size"], "lr": s["lr"], "optimizer": "adam"}}
 
 
@@ -209,22 +210,20 @@ def evaluate(chosen: dict[str, Setting], s: dict[str, Any], tmp: Path, args: arg
 
 def summarise(setting: Setting, runs: list[dict[str, Any]]) -> dict[str, Any]:
     """One row over its seeds: per-seed values, mean and std of each metric, seed 0's matrix."""
-    out: dict[str, Any] = {"lambda": setting.get("lambda")} | {k: v for k, v in setting.items() if k != "lambda"}
-    for key in METRICS:
-        values = [r[key] for r in runs]
-        out[key] = {"mean": statistics.mean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-                    "per_seed": values}
+    out: dict[str, Any] = {"lambda": None} | setting  # fine-tuning has no lambda
+    for key in METRICS + tuple(k for k in NO_CHAIN if k in runs[0]):
+        out[key] = spread([r[key] for r in runs])
     per_task = list(zip(*(r["plasticity_per_task"] for r in runs)))  # (tasks, seeds)
     out["plasticity_per_task_mean"] = [statistics.mean(t) for t in per_task]
     out["plasticity_per_task_min"] = [min(t) for t in per_task]
-    for key in NO_CHAIN:
-        if key in runs[0]:
-            values = [r[key] for r in runs]
-            out[key] = {"mean": statistics.mean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-                        "per_seed": values}
     out["accuracy_matrix_seed0"] = runs[0]["accuracy_matrix"]
     out["wall_s_per_run"] = round(statistics.mean(r["wall_s"] for r in runs), 1)
     return out
+
+
+def spread(values: list[float]) -> dict[str, Any]:
+    return {"mean": statistics.mean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "per_seed": values}
 
 
 def fmt(metric: dict[str, Any]) -> str:

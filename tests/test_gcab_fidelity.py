@@ -76,9 +76,9 @@ def test_gcab_alone_never_reads_a_projector_and_cfdc_does():
     model.grow(4)
     x = torch.randn(3, 1, 8, 8)
     gcab, cfdc = GatedClassAttentionOnly(), GatedClassAttention()
-    before_gcab, before_cfdc = gcab.predict(model, x), cfdc.predict(model, x)
+    before_gcab, (before_cfdc, _) = gcab.predict(model, x), cfdc.predict(model, x)
     torch.testing.assert_close(before_cfdc, model(x))
     p = model.projectors[0].fc2.weight  # a random change: a constant shift the block's LayerNorm removes
     p.add_(torch.randn_like(p))
     assert torch.equal(gcab.predict(model, x), before_gcab)  # no projector in GCAB's inference
-    assert not torch.equal(cfdc.predict(model, x)[:, :2], before_cfdc[:, :2])  # task 0 reads P_1
+    assert not torch.equal(cfdc.predict(model, x)[0][:, :2], before_cfdc[:, :2])  # task 0 reads P_1
