@@ -139,17 +139,21 @@ def measure(config: dict[str, Any], out: Path) -> dict[str, Any]:
     """Run one config: its average incremental / last accuracy, forgetting, plasticity and matrix."""
     metrics = run(parse_config(config), out, quiet=True)
     matrix = metrics["accuracy_matrix"]
-    diagonal = [matrix[i][i] for i in range(len(matrix))]  # each task right after learning it
+    diagonal = right_after(matrix)
     result = {"average_incremental_accuracy": metrics["average_incremental_accuracy"],
               "last_accuracy": metrics["average_accuracy"], "forgetting": metrics["forgetting"],
               "plasticity": statistics.mean(diagonal), "plasticity_per_task": diagonal,
               "accuracy_matrix": matrix, "wall_s": metrics["wall_time_s"]}
     if "no_chain" in metrics.get("variants", {}):  # CFDC rows: every task reading the current features
         raw = metrics["variants"]["no_chain"]
-        raw_diagonal = [raw["accuracy_matrix"][i][i] for i in range(len(matrix))]
-        result |= {"no_chain_plasticity": statistics.mean(raw_diagonal),
+        result |= {"no_chain_plasticity": statistics.mean(right_after(raw["accuracy_matrix"])),
                    "no_chain_last_accuracy": raw["average_accuracy"]}
     return result
+
+
+def right_after(matrix: list[list[float | None]]) -> list[float]:
+    """Each task's accuracy right after learning it: the matrix's diagonal."""
+    return [matrix[i][i] for i in range(len(matrix))]
 
 
 def measure_job(job: tuple[str, dict[str, Any], Path, int]) -> dict[str, Any]:
