@@ -8,8 +8,10 @@ Transformers via Gated Class-Attention and Cascaded Feature Drift Compensation",
 2211.12292, CIFAR-100 / ImageNet-100 tables): GCAB + CFDC is above the exemplar-free baselines
 (fine-tuning, LwF, EWC) on last and average incremental accuracy, with lower forgetting.
 
-Stream: ``synthetic`` (generated, 16 px RGB), ``--classes`` classes in ``--tasks`` tasks; the
-class order, initial weights and batches follow the seed; the same data and seeds for every row.
+Stream: ``synthetic`` (generated, 16 px RGB), ``--classes`` classes in ``--tasks`` tasks (by
+default 50 in 5 tasks of 10, as many a task as the paper's 10-step CIFAR-100: with 4 a task the
+CFDC rows lose most of their later tasks' images to old heads, docs/gcab.md, cause 3); the class
+order, initial weights and batches follow the seed; the same data and seeds for every row.
 
 Rows (each a ``clsim.experiment.run`` of a config, as ``clsim run`` runs it; the same epochs,
 optimiser, lr and batch for all):
@@ -22,9 +24,9 @@ optimiser, lr and batch for all):
 - ``gcab_cfdc_paper`` / ``gcab_cfdc_residual``: GCAB + CFDC with the paper's projector / clsim's
   zero-initialised residual one, trained as the paper's code trains them (old tokens read the
   raw features in training, the projector chain only at test time);
-- ``gcab_cfdc_chain``: clsim's departure for the failure those two rows show (docs/gcab.md,
-  "Why later tasks were not learnt"): residual projector, old tokens read the projector chain in
-  training too and the classification loss trains the newest projector
+- ``gcab_cfdc_chain``: clsim's departure for the failure those two rows showed on 4 classes a
+  task (docs/gcab.md, "Why later tasks were not learnt"): residual projector, old tokens read
+  the projector chain in training too and the classification loss trains the newest projector
   (``project_in_training``, ``classification_trains_projector``), so old heads learn to reject
   new images where they read them at test time; ``projector_weight`` tuned.
 
@@ -347,7 +349,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tiny", action="store_true", help="smoke mode: tiny data, 1 epoch, 1 seed, 1-point grids")
     parser.add_argument("--seeds", type=int, default=5)
-    parser.add_argument("--classes", type=int, default=20)
+    parser.add_argument("--classes", type=int, default=50, help="generated classes (10 a task: see docs/gcab.md, cause 3)")
     parser.add_argument("--tasks", type=int, default=5)
     parser.add_argument("--samples", type=int, default=80, help="generated images a class (train + test)")
     parser.add_argument("--epochs", type=int, default=24)

@@ -51,8 +51,8 @@ def scenario(make_source):
     return class_incremental(make_source([16] * 6, shape=(1, 8, 8)), 0, n_tasks=3)
 
 
-def learner_for(scenario, strategy, train: TrainConfig = SGD, seed: int = 0) -> Learner:
-    model = tiny_model(scenario.input_shape, seed=seed)
+def learner_for(scenario, strategy, train: TrainConfig = SGD, seed: int = 0, **model_kwargs) -> Learner:
+    model = tiny_model(scenario.input_shape, seed=seed, **model_kwargs)
     strategy.setup(model)
     return Learner(scenario, model, strategy, Engine(train, seed=0))
 
@@ -89,7 +89,7 @@ def test_mhsa_backbone_and_paper_sizes_build():
 
 
 def test_growing_adds_a_task_and_keeps_earlier_predictions():
-    model = tiny_model().eval()
+    model = tiny_model(projector="residual").eval()
     model.grow(2)
     x = torch.randn(4, 1, 8, 8)
     with torch.no_grad():
@@ -97,7 +97,7 @@ def test_growing_adds_a_task_and_keeps_earlier_predictions():
         model.grow(5)
         after = model(x)
     assert model.num_tasks == 2 and len(model.projectors) == 1
-    assert torch.equal(after[:, :2], before)  # a fresh projector is the identity
+    assert torch.equal(after[:, :2], before)  # a fresh residual projector is the identity
     model.grow(5)
     assert model.num_tasks == 2  # same size: nothing added
     with pytest.raises(ValueError, match="shrink"):
@@ -232,14 +232,18 @@ def test_projector_chain_reaches_only_earlier_tasks(scenario):
     assert not torch.equal(out[:, cols[0]], base[:, cols[0]])
 
 
-def test_projectors_train_only_with_drift_compensation(scenario):
-    with_cfdc = learner_for(scenario, STRATEGIES.get("gcab_cfdc")())
-    without = learner_for(scenario, STRATEGIES.get("gcab")())
+@pytest.mark.parametrize("kind", ["paper", "residual"])
+def test_projectors_train_only_with_drift_compensation(scenario, kind):
+    with_cfdc = learner_for(scenario, STRATEGIES.get("gcab_cfdc")(), projector=kind)
+    without = learner_for(scenario, STRATEGIES.get("gcab")(), projector=kind)
     for learner in (with_cfdc, without):
         train_upto(learner, 2)
     assert with_cfdc.strategy.old_backbone is not None and without.strategy.old_backbone is None
-    assert with_cfdc.model.projectors[0].fc2.weight.abs().sum() > 0  # trained away from identity
-    assert without.model.projectors[0].fc2.weight.abs().sum() == 0  # still the identity
+    trained, untouched = with_cfdc.model.projectors[0].fc2.weight, without.model.projectors[0].fc2.weight
+    assert trained.grad is not None and trained.grad.abs().sum() > 0
+    assert untouched.grad is None or untouched.grad.abs().sum() == 0  # GCAB alone never reads it
+    if kind == "residual":
+        assert trained.abs().sum() > 0 and untouched.abs().sum() == 0  # trained away from / still the identity
 
 
 # --------------------------------------------------------------------------- checkpoints
