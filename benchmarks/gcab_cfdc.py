@@ -10,8 +10,9 @@ Transformers via Gated Class-Attention and Cascaded Feature Drift Compensation",
 
 Stream: ``synthetic`` (generated, 16 px RGB), ``--classes`` classes in ``--tasks`` tasks (by
 default 50 in 5 tasks of 10, as many a task as the paper's 10-step CIFAR-100: with 4 a task the
-CFDC rows lose most of their later tasks' images to old heads, docs/gcab.md, cause 3); the class
-order, initial weights and batches follow the seed; the same data and seeds for every row.
+CFDC rows lose most of their later tasks' images to old heads, docs/gcab.md, causes 3 and 4);
+the class order, initial weights and batches follow the seed; the same data and seeds for every
+row.
 
 Rows (each a ``clsim.experiment.run`` of a config, as ``clsim run`` runs it; the same epochs,
 optimiser, lr and batch for all):
@@ -349,7 +350,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tiny", action="store_true", help="smoke mode: tiny data, 1 epoch, 1 seed, 1-point grids")
     parser.add_argument("--seeds", type=int, default=5)
-    parser.add_argument("--classes", type=int, default=50, help="generated classes (10 a task: see docs/gcab.md, cause 3)")
+    parser.add_argument("--classes", type=int, default=50, help="generated classes (10 a task: see docs/gcab.md, cause 4)")
     parser.add_argument("--tasks", type=int, default=5)
     parser.add_argument("--samples", type=int, default=80, help="generated images a class (train + test)")
     parser.add_argument("--epochs", type=int, default=24)
