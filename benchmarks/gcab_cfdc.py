@@ -368,7 +368,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--jobs", type=int, default=1, help="runs at a time (processes); numbers do not depend on it")
     parser.add_argument("--report", type=Path, default=ROOT / "reports" / "gcab_cfdc.md")
     parser.add_argument("--json", type=Path, default=ROOT / "reports" / "gcab_cfdc.json")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.classes % args.tasks or args.classes < 2 * args.tasks:  # the report's chance is per task
+        parser.error(f"--classes {args.classes}: expected a multiple of --tasks {args.tasks}, "
+                     "with at least 2 classes a task")
+    return args
 
 
 def main(argv: list[str] | None = None) -> None:

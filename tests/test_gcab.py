@@ -9,6 +9,7 @@ count, and bad configuration is a :class:`ConfigError`.
 from __future__ import annotations
 
 import copy
+import importlib.util
 import io
 import json
 import subprocess
@@ -358,6 +359,18 @@ def test_synthetic_gcab_scenario_runs_in_smoke_mode(tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     assert len(metrics["accuracy_matrix"]) == 5
     assert main(["validate", str(ROOT / "scenarios" / "cifar100_gcab.yaml")]) == 0
+
+
+@pytest.mark.parametrize("classes", ["7", "5"])  # not a multiple of 5 tasks; 1 class a task
+def test_benchmark_refuses_a_class_count_its_tasks_do_not_share(classes, capsys):
+    spec = importlib.util.spec_from_file_location("gcab_cfdc_bench", ROOT / "benchmarks" / "gcab_cfdc.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.parse_args(["--classes", "50"]).classes == 50
+    with pytest.raises(SystemExit) as stop:
+        bench.parse_args(["--classes", classes])
+    assert stop.value.code == 2
+    assert f"--classes {classes}: expected a multiple of --tasks 5" in capsys.readouterr().err
 
 
 @pytest.mark.slow
